@@ -1,0 +1,205 @@
+"""The catalog: registering artifacts, resolving refs, listing, showing, tagging and removing."""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+from sqlalchemy import or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from .errors import AmbiguousRef, BadInput, Conflict, NotFound, OperationFailed
+from .manifest import build_manifest, manifest_digest
+from .models import KINDS, Artifact, Blob, Edge, Event, File, Job, Tag, utcnow
+from .store import Ingested, LocalStore
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@+]*$")
+DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{8,64})$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Refuse names with `..`, spaces, leading symbols, or that look like a digest."""
+    if not name or len(name) > 255 or not NAME_RE.match(name) or ".." in name or name.startswith("sha256:"):
+        raise BadInput(f"invalid {what} {name!r}: use letters, digits and . _ - / : @ + without '..' "
+                       "(e.g. llama-7b or org/model:v1)")
+    return name
+
+
+def check_kind(kind: str) -> str:
+    """Refuse a kind that is not one of KINDS."""
+    if kind not in KINDS:
+        raise BadInput(f"unknown kind {kind!r}; use one of: {', '.join(KINDS)}")
+    return kind
+
+
+def record_event(session: Session, event_kind: str, artifact_id: int | None = None, job_id: int | None = None,
+                 **detail: Any) -> None:
+    """Append one event to the log."""
+    session.add(Event(kind=event_kind, artifact_id=artifact_id, job_id=job_id, detail=detail))
+
+
+def resolve(session: Session, ref: str) -> Artifact:
+    """Find a live artifact by tag, name or `sha256:` digest prefix (at least 8 hex digits)."""
+    tag = session.get(Tag, ref)
+    if tag is not None:
+        return session.get(Artifact, tag.artifact_id)
+    by_name = session.scalars(select(Artifact).where(Artifact.name == ref, Artifact.status != "deleted")).first()
+    if by_name is not None:
+        return by_name
+    match = DIGEST_RE.match(ref.lower())
+    if match is None:
+        if ref.lower().startswith("sha256:"):
+            raise BadInput(f"digest ref {ref!r} needs 'sha256:' and at least 8 hex digits")
+        raise NotFound(f"no artifact, tag or digest named {ref!r}; see registry list")
+    found = session.scalars(select(Artifact).where(Artifact.digest.startswith(ref.lower()),
+                                                   Artifact.status != "deleted")).all()
+    digests = {a.digest for a in found}
+    if not found:
+        raise NotFound(f"no artifact with digest {ref}; see registry list")
+    if len(digests) > 1:
+        raise AmbiguousRef(f"digest prefix {ref} matches {len(digests)} artifacts; give more hex digits")
+    return found[0]
+
+
+def insert_blobs(session: Session, ingested: Iterable[Ingested]) -> None:
+    """Record blobs, leaving rows that already exist untouched (a concurrent import may have added them)."""
+    now = utcnow()
+    rows = {i.sha256: dict(sha256=i.sha256, size=i.size, verified_at=now, stat_size=i.stamp.size,
+                           stat_mtime_ns=i.stamp.mtime_ns, stat_inode=i.stamp.inode) for i in ingested}
+    if not rows:
+        return
+    dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
+    session.execute(dialect.insert(Blob).values(list(rows.values())).on_conflict_do_nothing())
+
+
+def register_artifact(session: Session, store: LocalStore, *, name: str, kind: str,
+                      files: dict[str, Ingested], meta: dict[str, Any], parents: Iterable[tuple[Artifact, str]] = (),
+                      source: dict[str, str | None] | None = None, job_id: int | None = None) -> tuple[Artifact, bool]:
+    """Insert an artifact for ingested files; returns (artifact, created). Same name and content is a no-op."""
+    check_name(name)
+    check_kind(kind)
+    manifest = build_manifest(kind, ((p, i.size, i.sha256) for p, i in files.items()), meta)
+    digest = manifest_digest(manifest)
+    existing = session.scalars(select(Artifact).where(Artifact.name == name, Artifact.status != "deleted")).first()
+    if existing is not None:
+        if existing.digest == digest:
+            return existing, False
+        raise Conflict(f"name {name!r} is already used by {existing.digest[:19]}; choose another --name "
+                       "or remove it with registry rm")
+    insert_blobs(session, files.values())
+    for ingested in files.values():
+        if not store.exists(ingested.sha256):  # gc may have removed an unreferenced blob meanwhile
+            raise OperationFailed(f"blob {ingested.sha256[:12]} vanished from the store during import; retry")
+    source = source or {}
+    artifact = Artifact(name=name, kind=kind, status="ready", digest=digest, meta=meta,
+                        total_size=sum(i.size for i in files.values()), source_repo=source.get("repo"),
+                        source_revision=source.get("revision"), source_path=source.get("path"))
+    artifact.files = [File(path=p, sha256=i.sha256, size=i.size) for p, i in files.items()]
+    session.add(artifact)
+    session.flush()
+    for parent, role in parents:
+        session.add(Edge(child_id=artifact.id, parent_id=parent.id, role=role))
+    record_event(session, "registered", artifact.id, job_id, digest=digest, name=name, kind=kind)
+    return artifact, True
+
+
+def artifact_manifest(artifact: Artifact) -> dict[str, Any]:
+    """The manifest an artifact's digest was computed from."""
+    return build_manifest(artifact.kind, ((f.path, f.size, f.sha256) for f in artifact.files), artifact.meta)
+
+
+def list_artifacts(session: Session, kind: str | None = None, include_deleted: bool = False) -> list[Artifact]:
+    """Artifacts, newest first, optionally of one kind."""
+    query = select(Artifact).order_by(Artifact.created_at.desc(), Artifact.id.desc())
+    if kind is not None:
+        query = query.where(Artifact.kind == check_kind(kind))
+    if not include_deleted:
+        query = query.where(Artifact.status != "deleted")
+    return list(session.scalars(query))
+
+
+def tags_of(session: Session, artifact_id: int) -> list[str]:
+    """Tag names pointing at an artifact."""
+    return list(session.scalars(select(Tag.name).where(Tag.artifact_id == artifact_id).order_by(Tag.name)))
+
+
+def summary(session: Session, artifact: Artifact) -> dict[str, Any]:
+    """The short JSON form of an artifact, as `list --json` prints it."""
+    return {
+        "id": artifact.id, "name": artifact.name, "kind": artifact.kind, "status": artifact.status,
+        "digest": artifact.digest, "size": artifact.total_size, "files": len(artifact.files),
+        "created_at": artifact.created_at.isoformat() + "Z", "tags": tags_of(session, artifact.id),
+        "source": {"repo": artifact.source_repo, "revision": artifact.source_revision,
+                   "path": artifact.source_path},
+    }
+
+
+def lineage(session: Session, artifact: Artifact) -> dict[str, list[dict[str, Any]]]:
+    """Parents (up) and children (down) of an artifact with their roles."""
+    def side(column, other):
+        rows = session.execute(select(Edge.role, Artifact).join(Artifact, Artifact.id == other)
+                               .where(column == artifact.id).order_by(Artifact.id)).all()
+        return [{"role": role, "name": a.name, "digest": a.digest, "status": a.status} for role, a in rows]
+    return {"parents": side(Edge.child_id, Edge.parent_id), "children": side(Edge.parent_id, Edge.child_id)}
+
+
+def details(session: Session, artifact: Artifact) -> dict[str, Any]:
+    """Everything `registry show` prints: summary, metadata, files, lineage, jobs and events."""
+    events = session.scalars(select(Event).where(Event.artifact_id == artifact.id).order_by(Event.id)).all()
+    job_ids = {e.job_id for e in events if e.job_id is not None}
+    jobs = session.scalars(select(Job).where(or_(Job.result_artifact_id == artifact.id, Job.id.in_(job_ids)))
+                           .order_by(Job.id)).all()
+    return {
+        **summary(session, artifact),
+        "metadata": artifact.meta,
+        "file_list": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in artifact.files],
+        "lineage": lineage(session, artifact),
+        "jobs": [{"id": j.id, "type": j.type, "state": j.state,
+                  "finished_at": j.finished_at and j.finished_at.isoformat() + "Z"} for j in jobs],
+        "events": [{"at": e.at.isoformat() + "Z", "kind": e.kind, "job_id": e.job_id, "detail": e.detail}
+                   for e in events],
+    }
+
+
+def set_tag(session: Session, ref: str, tag_name: str) -> tuple[Artifact, str | None]:
+    """Point a tag at an artifact, moving it if it exists; returns (artifact, previous digest)."""
+    check_name(tag_name, "tag")
+    artifact = resolve(session, ref)
+    clash = session.scalars(select(Artifact).where(Artifact.name == tag_name, Artifact.status != "deleted")).first()
+    if clash is not None and clash.id != artifact.id:
+        raise Conflict(f"tag {tag_name!r} would hide the artifact named {tag_name!r}; choose another tag")
+    tag = session.get(Tag, tag_name)
+    previous = None
+    if tag is None:
+        session.add(Tag(name=tag_name, artifact_id=artifact.id))
+    else:
+        previous = session.get(Artifact, tag.artifact_id).digest
+        tag.artifact_id, tag.updated_at = artifact.id, utcnow()
+    record_event(session, "tagged", artifact.id, tag=tag_name, previous=previous)
+    return artifact, previous
+
+
+def remove_artifact(session: Session, ref: str, force: bool = False) -> Artifact:
+    """Mark an artifact deleted and drop its files; refuses while live artifacts derive from it."""
+    artifact = resolve(session, ref)
+    children = session.scalars(select(Artifact).join(Edge, Edge.child_id == Artifact.id)
+                               .where(Edge.parent_id == artifact.id, Artifact.status != "deleted")).all()
+    if children and not force:
+        names = ", ".join(sorted({c.name for c in children}))
+        raise Conflict(f"{artifact.name} has derived artifacts ({names}); remove them first or use --force")
+    for tag in session.scalars(select(Tag).where(Tag.artifact_id == artifact.id)):
+        session.delete(tag)
+    artifact.files = []
+    artifact.status = "deleted"
+    record_event(session, "deleted", artifact.id, name=artifact.name, digest=artifact.digest, forced=force)
+    return artifact
+
+
+def find_by_name_or_repo(session: Session, name: str) -> Artifact | None:
+    """A live artifact whose name, tag or source repo matches (used to link adapters to bases)."""
+    try:
+        return resolve(session, name)
+    except (NotFound, BadInput):
+        pass
+    return session.scalars(select(Artifact).where(Artifact.source_repo == name, Artifact.status != "deleted")
+                           .order_by(Artifact.id.desc())).first()

@@ -1,0 +1,316 @@
+"""The `registry` command: a thin click layer that parses, calls one library function and renders."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import catalog, jobs, render
+from .core import Registry
+from .errors import EXIT_USAGE, BadInput, RegistryError, error_for
+from .manifest import canonical_json, sha256sum_lines
+from .models import JOB_STATES, KINDS
+from .progress import terminal_reporter
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+detach_option = click.option("--detach", is_flag=True, help="Queue the job for a worker and return at once.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False), envvar="REGISTRY_HOME",
+              help="Registry home folder (env REGISTRY_HOME; default: per-user data folder).")
+@click.option("--database-url", envvar="REGISTRY_DATABASE_URL",
+              help="SQLAlchemy URL of the catalog (env REGISTRY_DATABASE_URL; default: SQLite in the home).")
+@click.version_option(package_name="registry")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, database_url: str | None) -> None:
+    """A registry for LLM weights: SHA-256 manifests, lineage, verification and jobs.
+
+    Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found.
+    """
+    ctx.obj = Registry(home, database_url)
+
+
+def _reg() -> Registry:
+    return click.get_current_context().obj
+
+
+def _run(job_type: str, params: dict, dedup_key: str, detach: bool, as_json: bool):
+    """Run a job here (or attach to the identical one) and raise its error if it failed."""
+    from workers import run_or_attach
+
+    reporter = None if as_json else terminal_reporter()
+    job = run_or_attach(_reg(), job_type, params, dedup_key, reporter, detach)
+    if detach:
+        data = {"job": job.id, "state": job.state}
+        render.emit_json(data) if as_json else click.echo(f"queued job {job.id}; watch it with: registry job {job.id}")
+        return None
+    if job.state != "succeeded" and not (job.result and job.exit_code == 1):
+        raise error_for(job.exit_code, job.error or job.message or f"job {job.id} {job.state}")
+    return job
+
+
+@cli.command()
+@click.option("--home", type=click.Path(file_okay=False), help="Create the registry here instead.")
+@json_option
+def init(home: str | None, as_json: bool) -> None:
+    """Create the home folder and migrate the catalog database to the newest schema."""
+    reg = Registry(home) if home else _reg()
+    reg.init()
+    info = {"home": str(reg.home), "database_url": _safe_url(reg.settings.database_url)}
+    render.emit_json(info) if as_json else click.echo(f"registry ready at {info['home']} ({info['database_url']})")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@cli.command("import")
+@click.argument("folder", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="Artifact name (required for a folder; default for --hf-cache: the repo id).")
+@click.option("--kind", type=click.Choice(KINDS), help="Override the detected kind.")
+@click.option("--base", help="Ref of the base model an adapter was trained on.")
+@click.option("--link", is_flag=True, help="Hardlink files into the store instead of copying (same file system; "
+                                           "the source files become read-only).")
+@click.option("--hf-cache", "hf_cache", metavar="REPO_ID", help="Import a snapshot from a Hugging Face cache.")
+@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit with --hf-cache.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache folder (default: HF_HUB_CACHE).")
+@detach_option
+@json_option
+def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detach, as_json) -> None:
+    """Register a local Hugging Face style model folder (or a cached snapshot).
+
+    \b
+    registry import ./llama-7b --name llama-7b
+    registry import ./my-lora --name my-lora --base llama-7b
+    registry import --hf-cache meta-llama/Llama-2-7b-hf
+    """
+    if hf_cache:
+        if folder is not None:
+            raise BadInput("give either a FOLDER or --hf-cache REPO_ID, not both")
+        params = {"hf_cache_repo": hf_cache, "revision": revision, "name": name,
+                  "cache_dir": cache_dir and str(Path(cache_dir).absolute())}
+    else:
+        if folder is None or not name:
+            raise BadInput("usage: registry import FOLDER --name NAME (or --hf-cache REPO_ID)")
+        params = {"folder": str(folder.absolute()), "name": name}
+    params.update(kind=kind, base=base, link=link)
+    key = "import:" + "|".join(f"{k}={params[k]}" for k in sorted(params))
+    job = _run("import", params, key, detach, as_json)
+    if job is None:
+        return
+    r = job.result
+    for warning in r["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        render.emit_json({"job": job.id, **r})
+    else:
+        verb = "registered" if r["created"] else "already registered"
+        click.echo(f"{verb} {r['name']} ({r['kind']}) {r['digest']}: {r['files']} files, "
+                   f"{render.human_size(r['size'])}, {render.human_size(r['bytes_added'])} added to the store")
+
+
+@cli.command("list")
+@click.option("--kind", type=click.Choice(KINDS), help="Only artifacts of this kind.")
+@click.option("--deleted", is_flag=True, help="Include deleted artifacts.")
+@json_option
+def list_(kind: str | None, deleted: bool, as_json: bool) -> None:
+    """List registered artifacts, newest first."""
+    with _reg().session() as s:
+        items = [catalog.summary(s, a) for a in catalog.list_artifacts(s, kind, deleted)]
+    render.emit_json(items) if as_json else render.artifact_list(items)
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+def show(ref: str, as_json: bool) -> None:
+    """Show an artifact: metadata, files, lineage up and down, jobs and events.
+
+    REF is a name, a tag, or a digest prefix such as sha256:1a2b3c4d.
+    """
+    with _reg().session() as s:
+        data = catalog.details(s, catalog.resolve(s, ref))
+    render.emit_json(data) if as_json else render.artifact_details(data)
+
+
+@cli.command()
+@click.argument("refs", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Verify every artifact.")
+@click.option("--quick", is_flag=True, help="Compare stat stamps only (size, mtime, inode); reads no bytes.")
+@detach_option
+@json_option
+def verify(refs: tuple[str, ...], all_: bool, quick: bool, detach: bool, as_json: bool) -> None:
+    """Re-hash every file of the artifacts against their manifests; exit 1 on any failure."""
+    if not refs and not all_:
+        raise BadInput("name at least one artifact to verify, or pass --all")
+    with _reg().session() as s:  # resolve now so the dedup key names digests, not movable tags
+        digests = sorted({catalog.resolve(s, r).digest for r in refs})
+    params = {"refs": digests, "all": all_, "quick": quick}
+    job = _run("verify", params, f"verify:{'all' if all_ else ','.join(digests)}:{quick}", detach, as_json)
+    if job is None:
+        return
+    reports = job.result["artifacts"]
+    render.emit_json({"job": job.id, "ok": job.state == "succeeded", "artifacts": reports}) if as_json \
+        else render.verify_reports(reports)
+    if job.state != "succeeded":
+        sys.exit(job.exit_code or 1)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--format", "fmt", type=click.Choice(["json", "sha256sum"]), default="json", show_default=True)
+def manifest(ref: str, fmt: str) -> None:
+    """Print an artifact's canonical manifest (its digest is the SHA-256 of these bytes).
+
+    `--format sha256sum` prints lines that `sha256sum -c` accepts inside an exported folder.
+    """
+    with _reg().session() as s:
+        data = catalog.artifact_manifest(catalog.resolve(s, ref))
+    if fmt == "sha256sum":
+        click.echo(sha256sum_lines(data), nl=False)
+    else:
+        # No newline in a pipe, so `registry manifest REF | sha256sum` prints the artifact's digest.
+        click.echo(canonical_json(data).decode(), nl=sys.stdout.isatty())
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--copy", is_flag=True, help="Write independent, writable copies instead of hardlinks.")
+def export(ref: str, dest: Path, copy: bool) -> None:
+    """Write an artifact to a new folder that transformers' from_pretrained loads."""
+    from .export import export_artifact
+
+    click.echo(str(export_artifact(_reg(), ref, dest, copy)))
+
+
+@cli.command()
+@click.argument("ref")
+def path(ref: str) -> None:
+    """Print a stable read-only snapshot folder of an artifact (for from_pretrained)."""
+    from .export import snapshot_path
+
+    click.echo(str(snapshot_path(_reg(), ref)))
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("tag")
+def tag(ref: str, tag: str) -> None:
+    """Point TAG (e.g. llama-7b:prod) at an artifact, moving it if it exists."""
+    with _reg().session() as s:
+        artifact, previous = catalog.set_tag(s, ref, tag)
+    moved = f" (moved from {previous[:19]})" if previous and previous != artifact.digest else ""
+    click.echo(f"{tag} -> {artifact.name} {artifact.digest[:19]}{moved}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Remove even though other artifacts derive from it.")
+def rm(ref: str, force: bool) -> None:
+    """Remove an artifact from the catalog; its blobs are freed by `registry gc`."""
+    with _reg().session() as s:
+        artifact = catalog.remove_artifact(s, ref, force)
+    click.echo(f"removed {artifact.name} {artifact.digest[:19]}; run registry gc to free its blobs")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+@json_option
+def gc(dry_run: bool, as_json: bool) -> None:
+    """Delete blobs no artifact references, stale temporary files and stale snapshots."""
+    from .gc import collect_garbage
+
+    report = collect_garbage(_reg(), dry_run)
+    if as_json:
+        render.emit_json(report.to_dict())
+        return
+    verb = "would free" if dry_run else "freed"
+    click.echo(f"{verb} {render.human_size(report.bytes_freed)} ({report.bytes_freed} bytes): "
+               f"{len(report.blobs)} blobs, {len(report.temp_files)} temporary files, "
+               f"{len(report.snapshots)} snapshots")
+
+
+@cli.command("jobs")
+@click.option("--state", type=click.Choice(JOB_STATES), help="Only jobs in this state.")
+@click.option("--limit", default=50, show_default=True, help="Show at most this many.")
+@json_option
+def jobs_(state: str | None, limit: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    with _reg().session() as s:
+        items = [jobs.job_dict(j) for j in jobs.list_jobs(s, state, limit)]
+    if as_json:
+        render.emit_json(items)
+    else:
+        render.table([render.job_line(j) for j in items], ["ID", "TYPE", "STATE", "TRIES", "PROGRESS", "MESSAGE"])
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@json_option
+def job(job_id: int, as_json: bool) -> None:
+    """Show one job: state, attempts, progress, result or error."""
+    with _reg().session() as s:
+        data = jobs.job_dict(jobs.get(s, job_id))
+    render.emit_json(data) if as_json else render.job_details(data)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+def cancel(job_id: int) -> None:
+    """Cancel a queued job, or ask a running one to stop."""
+    with _reg().session() as s:
+        j = jobs.cancel(s, job_id)
+        state, requested = j.state, j.cancel_requested
+    click.echo(f"job {job_id}: {'cancel requested' if state == 'running' and requested else state}")
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Exit when no job is left to run.")
+@click.option("--lease", default=jobs.DEFAULT_LEASE_SECONDS, show_default=True,
+              help="Seconds a claimed job stays ours without a heartbeat.")
+@click.option("--poll", default=1.0, show_default=True, help="Seconds between looks at an empty queue.")
+def worker(once: bool, lease: float, poll: float) -> None:
+    """Run one worker: claim queued jobs and run them until stopped (SIGTERM finishes the current job)."""
+    from workers import worker_loop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    reg = _reg()
+    reg.init()
+    try:
+        ran = worker_loop(reg, lease_seconds=lease, poll_seconds=poll, once=once)
+    except KeyboardInterrupt:
+        return
+    click.echo(f"worker ran {ran} job(s)", err=True)
+
+
+def main() -> None:
+    """Console entry point: runs the CLI and renders every RegistryError as one line with its exit code."""
+    try:
+        cli.main(standalone_mode=False)
+    except RegistryError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        os._exit(0)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

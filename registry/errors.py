@@ -1,0 +1,68 @@
+"""Every error the registry raises on purpose, each carrying the exit code the CLI returns.
+
+Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+
+
+class RegistryError(Exception):
+    """Base of all registry errors; `exit_code` is what the CLI exits with."""
+
+    exit_code = EXIT_FAILED
+
+
+class OperationFailed(RegistryError):
+    """The operation ran but did not succeed (verification mismatch, disk full, job failed)."""
+
+    exit_code = EXIT_FAILED
+
+
+class BadInput(RegistryError):
+    """The request itself is wrong: bad folder, bad name, bad file, unknown kind."""
+
+    exit_code = EXIT_USAGE
+
+
+class AmbiguousRef(BadInput):
+    """A digest prefix matches more than one artifact."""
+
+
+class Conflict(BadInput):
+    """The request contradicts what is registered (name taken, artifact still has children)."""
+
+
+class NotFound(RegistryError):
+    """An artifact, tag, job or path does not exist."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class DatabaseLocked(OperationFailed):
+    """Another process held the database lock for longer than the busy timeout."""
+
+
+class DiskFull(OperationFailed):
+    """The store's file system ran out of space (ENOSPC)."""
+
+
+class VerificationFailed(OperationFailed):
+    """One or more files did not match the manifest."""
+
+
+class JobCancelled(OperationFailed):
+    """The job was cancelled while it ran."""
+
+
+class LeaseLost(OperationFailed):
+    """Another worker took over this job after our lease expired."""
+
+
+def error_for(exit_code: int | None, message: str) -> RegistryError:
+    """Rebuild an error from a recorded job's exit code and message (for jobs run elsewhere)."""
+    cls = {EXIT_USAGE: BadInput, EXIT_NOT_FOUND: NotFound}.get(exit_code or EXIT_FAILED, OperationFailed)
+    return cls(message)

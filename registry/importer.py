@@ -1,0 +1,114 @@
+"""Registering model folders that already exist on disk, or a snapshot in a Hugging Face cache."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from .catalog import check_name, find_by_name_or_repo, register_artifact, resolve
+from .core import Registry
+from .errors import BadInput, NotFound
+from .folder import FolderScan, scan_folder
+from .progress import NullReporter, Reporter
+from .store import Ingested
+
+
+@dataclass
+class ImportResult:
+    """What an import did: the artifact, whether it is new, bytes added to the store, and warnings."""
+
+    artifact_id: int
+    name: str
+    digest: str
+    kind: str
+    files: int
+    size: int
+    created: bool
+    bytes_added: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ingest_files(reg: Registry, files: dict[str, Path], link: bool, reporter: Reporter) -> dict[str, Ingested]:
+    """Hash and store every file, in parallel over files."""
+    reporter.start(sum(p.stat().st_size for p in files.values()), "B", "importing")
+    workers = min(len(files), os.cpu_count() or 1) or 1
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {rel: pool.submit(reg.store.ingest_file, path, link, reporter.advance)
+                   for rel, path in files.items()}
+        result = {rel: fut.result() for rel, fut in futures.items()}
+    reporter.finish()
+    return result
+
+
+def import_folder(reg: Registry, folder: str | os.PathLike, name: str, kind: str | None = None,
+                  base: str | None = None, link: bool = False, reporter: Reporter | None = None,
+                  job_id: int | None = None, source: dict[str, Any] | None = None,
+                  contain_within: Path | None = None) -> ImportResult:
+    """Register a local Hugging Face style folder as an artifact, storing each distinct file once."""
+    check_name(name)
+    scan = scan_folder(Path(folder), kind, contain_within)
+    if base is not None:
+        with reg.session() as s:
+            resolve(s, base)  # fail on an unknown base before reading any bytes
+    ingested = ingest_files(reg, scan.files, link, reporter or NullReporter())
+    source = source or {"path": str(Path(folder).resolve())}
+    warnings = [f"{rel} is a pickle file: loading it can run arbitrary code; prefer safetensors"
+                for rel in scan.unsafe_files]
+    added = sum(i.size for i in ingested.values() if i.added)
+    try:
+        return _register(reg, scan, name, base, ingested, source, job_id, added, warnings)
+    except IntegrityError:  # another process registered the same name meanwhile: same content is fine
+        return _register(reg, scan, name, base, ingested, source, job_id, added, warnings)
+
+
+def _register(reg: Registry, scan: FolderScan, name: str, base: str | None, ingested: dict[str, Ingested],
+              source: dict[str, Any], job_id: int | None, added: int, warnings: list[str]) -> ImportResult:
+    with reg.session() as s:
+        parents = []
+        if base is not None:
+            parents.append((resolve(s, base), "base"))
+        elif scan.kind == "adapter":
+            base_name = scan.meta.get("peft_config", {}).get("base_model_name_or_path")
+            found = find_by_name_or_repo(s, base_name) if base_name else None
+            if found is not None:
+                parents.append((found, "base"))
+        a, created = register_artifact(s, reg.store, name=name, kind=scan.kind, files=ingested, meta=scan.meta,
+                                       parents=parents, source=source, job_id=job_id)
+        return ImportResult(a.id, a.name, a.digest, a.kind, len(a.files), a.total_size, created,
+                            added, warnings)
+
+
+def hf_cache_snapshot(repo_id: str, revision: str = "main", cache_dir: str | os.PathLike | None = None) -> tuple[Path, str, Path]:
+    """Locate a snapshot in a Hugging Face cache: (snapshot folder, commit, repo cache folder)."""
+    from huggingface_hub import constants
+
+    if repo_id.count("/") > 1 or ".." in repo_id or not repo_id.strip("/"):
+        raise BadInput(f"invalid repo id {repo_id!r}; use 'org/name'")
+    root = Path(cache_dir or constants.HF_HUB_CACHE)
+    repo_dir = root / ("models--" + repo_id.replace("/", "--"))
+    if not repo_dir.is_dir():
+        raise NotFound(f"{repo_id} is not in the Hugging Face cache at {root}; download it first or pass --cache-dir")
+    ref_file = repo_dir / "refs" / revision
+    commit = ref_file.read_text().strip() if ref_file.is_file() else revision
+    snapshot = repo_dir / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise NotFound(f"revision {revision!r} of {repo_id} is not in the Hugging Face cache at {root}")
+    return snapshot, commit, repo_dir
+
+
+def import_hf_cache(reg: Registry, repo_id: str, name: str | None = None, revision: str = "main",
+                    cache_dir: str | os.PathLike | None = None, kind: str | None = None,
+                    base: str | None = None, link: bool = False, reporter: Reporter | None = None,
+                    job_id: int | None = None) -> ImportResult:
+    """Register a snapshot from a Hugging Face cache; its symlinks may point into the cache's blobs."""
+    snapshot, commit, repo_dir = hf_cache_snapshot(repo_id, revision, cache_dir)
+    return import_folder(reg, snapshot, name or repo_id, kind, base, link, reporter, job_id,
+                         source={"repo": repo_id, "revision": commit, "path": str(snapshot)},
+                         contain_within=repo_dir)

@@ -1,0 +1,189 @@
+"""The job queue on the catalog database: enqueue with dedup, claim with a lease, heartbeat, finish."""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .errors import BadInput, JobCancelled, LeaseLost, NotFound
+from .models import JOB_STATES, UNFINISHED_STATES, Job, utcnow
+
+DEFAULT_LEASE_SECONDS = 60
+MAX_BACKOFF_SECONDS = 300
+
+
+def worker_id() -> str:
+    """A name for this process that is unique across hosts: host:pid:random."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def enqueue(session: Session, type: str, params: dict[str, Any], dedup_key: str | None = None,
+            max_attempts: int = 3) -> tuple[Job, bool]:
+    """Queue a job; returns (job, created). An unfinished job with the same dedup key is returned instead."""
+    if dedup_key is not None:
+        existing = _unfinished(session, dedup_key)
+        if existing is not None:
+            return existing, False
+    job = Job(type=type, params=params, dedup_key=dedup_key, max_attempts=max_attempts, state="queued",
+              run_after=utcnow())
+    try:
+        with session.begin_nested():
+            session.add(job)
+    except IntegrityError:  # lost the race to an identical request (PostgreSQL)
+        existing = _unfinished(session, dedup_key)
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def _unfinished(session: Session, dedup_key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.dedup_key == dedup_key, Job.state.in_(UNFINISHED_STATES))).first()
+
+
+def claim(session: Session, owner: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+          types: list[str] | None = None, job_id: int | None = None) -> Job | None:
+    """Take the oldest runnable job (queued, or running with an expired lease) and lease it to `owner`."""
+    now = utcnow()
+    query = (select(Job)
+             .where(or_((Job.state == "queued") & (Job.run_after <= now),
+                        (Job.state == "running") & (Job.lease_expires_at < now)))
+             .order_by(Job.run_after, Job.id).limit(1))
+    if types:
+        query = query.where(Job.type.in_(types))
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
+    if session.get_bind().dialect.name == "postgresql":
+        # Rows another worker is claiming are skipped, not waited for.
+        query = query.with_for_update(skip_locked=True)
+    # On SQLite the session's transaction began with BEGIN IMMEDIATE, so this select-then-update is atomic.
+    while True:
+        job = session.scalars(query).first()
+        if job is None:
+            return None
+        if job.state == "running" and job.attempts >= job.max_attempts:
+            _finish(job, "failed", error=f"worker {job.lease_owner} stopped responding; no attempts left",
+                    exit_code=1)
+            session.flush()
+            continue
+        job.state, job.lease_owner, job.attempts = "running", owner, job.attempts + 1
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        job.heartbeat_at = job.started_at = now
+        job.error = None
+        session.flush()
+        return job
+
+
+def _owned(session: Session, job_id: int, owner: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.state != "running" or job.lease_owner != owner:
+        raise LeaseLost(f"job {job_id} is no longer leased to {owner}")
+    return job
+
+
+def heartbeat(session: Session, job_id: int, owner: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+              done: int | None = None, total: int | None = None, unit: str | None = None,
+              message: str | None = None) -> None:
+    """Extend the lease and record progress; raises JobCancelled when a cancel was requested."""
+    job = _owned(session, job_id, owner)
+    now = utcnow()
+    job.heartbeat_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
+    if done is not None:
+        job.progress_done = done
+    if total is not None:
+        job.progress_total = total
+    if unit is not None:
+        job.progress_unit = unit
+    if message is not None:
+        job.message = message
+    if job.cancel_requested:
+        raise JobCancelled(f"job {job_id} was cancelled")
+
+
+def complete(session: Session, job_id: int, owner: str, result: dict[str, Any] | None = None,
+             result_artifact_id: int | None = None, message: str | None = None) -> Job:
+    """Mark a leased job succeeded."""
+    job = _owned(session, job_id, owner)
+    job.result, job.result_artifact_id = result, result_artifact_id
+    if job.progress_total is not None:
+        job.progress_done = job.progress_total
+    _finish(job, "succeeded", message=message, exit_code=0)
+    return job
+
+
+def fail(session: Session, job_id: int, owner: str, error: str, exit_code: int = 1, retry: bool = True,
+         result: dict[str, Any] | None = None) -> Job:
+    """Record a failed attempt: requeue with exponential backoff while attempts remain, else fail."""
+    job = _owned(session, job_id, owner)
+    job.error, job.result = error, result
+    if retry and job.attempts < job.max_attempts:
+        job.state, job.lease_owner, job.lease_expires_at = "queued", None, None
+        job.run_after = utcnow() + timedelta(seconds=min(MAX_BACKOFF_SECONDS, 2 ** job.attempts))
+    else:
+        _finish(job, "failed", error=error, exit_code=exit_code)
+    return job
+
+
+def mark_cancelled(session: Session, job_id: int, owner: str, message: str) -> Job:
+    """The handler stopped after a cancel request."""
+    job = _owned(session, job_id, owner)
+    _finish(job, "cancelled", message=message, exit_code=1)
+    return job
+
+
+def cancel(session: Session, job_id: int) -> Job:
+    """Cancel a queued job at once; ask a running one to stop at its next heartbeat."""
+    job = get(session, job_id)
+    if job.state == "queued":
+        _finish(job, "cancelled", message="cancelled before it ran", exit_code=1)
+    elif job.state == "running":
+        job.cancel_requested = True
+    return job
+
+
+def _finish(job: Job, state: str, message: str | None = None, error: str | None = None,
+            exit_code: int | None = None) -> None:
+    job.state, job.finished_at, job.exit_code = state, utcnow(), exit_code
+    job.lease_owner, job.lease_expires_at = None, None
+    if message is not None:
+        job.message = message
+    if error is not None:
+        job.error = error
+
+
+def get(session: Session, job_id: int) -> Job:
+    """A job by id, or NotFound."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}; see registry jobs")
+    return job
+
+
+def list_jobs(session: Session, state: str | None = None, limit: int = 100) -> list[Job]:
+    """Jobs, newest first, optionally in one state."""
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state is not None:
+        if state not in JOB_STATES:
+            raise BadInput(f"unknown job state {state!r}; use one of: {', '.join(JOB_STATES)}")
+        query = query.where(Job.state == state)
+    return list(session.scalars(query))
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    """The JSON form of a job, as `registry job --json` prints it."""
+    iso = lambda t: t and t.isoformat() + "Z"  # noqa: E731
+    return {
+        "id": job.id, "type": job.type, "state": job.state, "params": job.params, "attempts": job.attempts,
+        "max_attempts": job.max_attempts, "lease_owner": job.lease_owner,
+        "progress": {"done": job.progress_done, "total": job.progress_total, "unit": job.progress_unit},
+        "message": job.message, "error": job.error, "exit_code": job.exit_code, "result": job.result,
+        "result_artifact_id": job.result_artifact_id, "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
+        "heartbeat_at": iso(job.heartbeat_at), "lease_expires_at": iso(job.lease_expires_at),
+    }

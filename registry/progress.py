@@ -1,0 +1,71 @@
+"""Progress reporting: a rich bar (bytes, rate, ETA) on a terminal, silence in a pipe."""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Protocol
+
+
+class Reporter(Protocol):
+    """What long operations call to report progress; implementations must be thread-safe."""
+
+    def start(self, total: int | None, unit: str = "B", description: str = "") -> None: ...
+    def advance(self, amount: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullReporter:
+    """Reports nothing; counts what it was told so callers can read it back."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.total: int | None = None
+        self.unit = "B"
+        self._lock = threading.Lock()
+
+    def start(self, total: int | None, unit: str = "B", description: str = "") -> None:
+        self.total, self.unit, self.done = total, unit, 0
+
+    def advance(self, amount: int) -> None:
+        with self._lock:
+            self.done += amount
+
+    def finish(self) -> None:
+        pass
+
+
+class RichReporter(NullReporter):
+    """A rich progress bar on stderr with bytes, rate and ETA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._progress = None
+        self._task = None
+
+    def start(self, total: int | None, unit: str = "B", description: str = "") -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        super().start(total, unit, description)
+        self.finish()
+        amount = [DownloadColumn(), TransferSpeedColumn()] if unit == "B" else [MofNCompleteColumn()]
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), *amount, TimeRemainingColumn(),
+                                  console=Console(stderr=True), transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(description or "working", total=total)
+
+    def advance(self, amount: int) -> None:
+        super().advance(amount)
+        if self._progress is not None:
+            self._progress.update(self._task, advance=amount)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def terminal_reporter() -> NullReporter:
+    """A rich bar when stderr is a terminal, otherwise a silent reporter."""
+    return RichReporter() if sys.stderr.isatty() else NullReporter()

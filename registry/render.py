@@ -1,0 +1,119 @@
+"""Turning results into text for people or JSON for programs; the CLI's only output code."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+
+def human_size(n: int | None) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def emit_json(data: Any) -> None:
+    """Print JSON on stdout."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def table(rows: list[list[str]], headers: list[str]) -> None:
+    """Print a left-aligned table."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def artifact_list(items: list[dict[str, Any]]) -> None:
+    """The `registry list` table."""
+    if not items:
+        click.echo("no artifacts; add one with: registry import DIR --name NAME")
+        return
+    table([[a["name"], a["kind"], a["status"], a["digest"][:19], human_size(a["size"]), ",".join(a["tags"])]
+           for a in items], ["NAME", "KIND", "STATUS", "DIGEST", "SIZE", "TAGS"])
+
+
+def artifact_details(d: dict[str, Any]) -> None:
+    """The `registry show` text."""
+    click.echo(f"{d['name']}  ({d['kind']}, {d['status']})")
+    click.echo(f"digest:   {d['digest']}")
+    click.echo(f"size:     {human_size(d['size'])} in {d['files']} files")
+    click.echo(f"created:  {d['created_at']}")
+    src = d["source"]
+    if src["repo"]:
+        click.echo(f"source:   {src['repo']}@{src['revision']}")
+    elif src["path"]:
+        click.echo(f"source:   {src['path']}")
+    if d["tags"]:
+        click.echo(f"tags:     {', '.join(d['tags'])}")
+    meta = d["metadata"]
+    for key in ("model_type", "architectures", "dtype", "parameter_count"):
+        if key in meta:
+            click.echo(f"{key + ':':<17}{meta[key]}")
+    for key in ("peft_config", "quantization_config"):
+        if key in meta:
+            click.echo(f"{key}: {json.dumps(meta[key], sort_keys=True)}")
+    if meta.get("unsafe_files"):
+        click.echo(f"UNSAFE (pickle): {', '.join(meta['unsafe_files'])}")
+    click.echo("files:")
+    for f in d["file_list"]:
+        click.echo(f"  {f['sha256'][:12]}  {human_size(f['size']):>10}  {f['path']}")
+    for direction, label in (("parents", "derived from"), ("children", "used by")):
+        for edge in d["lineage"][direction]:
+            click.echo(f"{label}: {edge['name']} ({edge['role']}, {edge['digest'][:19]}, {edge['status']})")
+    if d["jobs"]:
+        click.echo("jobs:")
+        for j in d["jobs"]:
+            click.echo(f"  #{j['id']} {j['type']} {j['state']}")
+    click.echo("events:")
+    for e in d["events"]:
+        click.echo(f"  {e['at']}  {e['kind']}")
+
+
+def verify_reports(reports: list[dict[str, Any]]) -> None:
+    """One line per file: ok, MISMATCH (expected and actual), MISSING, WRONG SIZE, CHANGED."""
+    for r in reports:
+        how = "stat stamps only, bytes not read" if r["quick"] else f"{human_size(r['bytes_read'])} re-hashed"
+        click.echo(f"{r['name']} {r['digest'][:19]}: {'ok' if r['ok'] else 'FAILED'} ({how})")
+        for f in r["files"]:
+            click.echo("  " + _file_line(f))
+
+
+def _file_line(f: dict[str, Any]) -> str:
+    status, path = f["status"], f["path"]
+    if status == "ok":
+        return f"ok          {path}"
+    if status == "mismatch":
+        return f"MISMATCH    {path}  expected {f['expected']}  actual {f['actual']}"
+    if status == "missing":
+        return f"MISSING     {path}  blob {f['expected'][:12]} is not in the store"
+    if status == "wrong_size":
+        return f"WRONG SIZE  {path}  expected {f['expected_size']} bytes, found {f['actual_size']}"
+    return f"CHANGED     {path}  stat differs from the last verify; run a full verify to re-hash"
+
+
+def job_line(j: dict[str, Any]) -> list[str]:
+    """A row of the `registry jobs` table."""
+    p = j["progress"]
+    progress = f"{p['done']}/{p['total']} {p['unit'] or ''}".strip() if p["total"] else ""
+    return [str(j["id"]), j["type"], j["state"], f"{j['attempts']}/{j['max_attempts']}", progress,
+            (j["error"] or j["message"] or "")[:60]]
+
+
+def job_details(j: dict[str, Any]) -> None:
+    """The `registry job ID` text."""
+    for key in ("id", "type", "state", "attempts", "max_attempts", "lease_owner", "created_at", "started_at",
+                "finished_at", "message", "error", "exit_code", "result_artifact_id"):
+        if j.get(key) is not None:
+            click.echo(f"{key + ':':<20}{j[key]}")
+    click.echo(f"{'params:':<20}{json.dumps(j['params'], sort_keys=True)}")
+    p = j["progress"]
+    if p["total"]:
+        click.echo(f"{'progress:':<20}{p['done']}/{p['total']} {p['unit'] or ''}")
