@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
-from .errors import DatabaseLocked
+from .errors import DatabaseLocked, DiskFull
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _engines: dict[str, Engine] = {}
@@ -119,10 +119,12 @@ def dispose_all() -> None:
 
 @contextlib.contextmanager
 def translate_locked(settings: Settings) -> Iterator[None]:
-    """Turn SQLite's 'database is locked' into a one-line DatabaseLocked error."""
+    """Turn SQLite's 'database is locked' and 'disk is full' into one-line registry errors."""
     try:
         yield
     except OperationalError as exc:
+        if "disk is full" in str(exc.orig).lower():
+            raise DiskFull("disk full while writing the catalog database; free space and try again") from None
         if "locked" in str(exc.orig).lower() or "busy" in str(exc.orig).lower():
             raise DatabaseLocked(
                 f"database is locked by another process (waited {settings.busy_timeout_ms / 1000:g}s); "

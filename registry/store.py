@@ -68,11 +68,21 @@ def hash_stream(stream: BinaryIO, progress: ProgressFn | None = None, sink: Bina
         chunk = view[:n]
         digest.update(chunk)
         if sink is not None:
-            sink.write(chunk)
+            _write_all(sink, chunk)
         total += n
         if progress:
             progress(n)
     return digest.hexdigest(), total
+
+
+def _write_all(sink: BinaryIO, data: memoryview) -> None:
+    # An unbuffered write may be short (the disk filling up is one cause): loop until all is written,
+    # so the next write raises ENOSPC instead of the blob silently missing its tail.
+    while data:
+        written = sink.write(data)
+        if not written:
+            raise OSError(errno.ENOSPC, "short write to the store")
+        data = data[written:]
 
 
 def hash_file(path: Path, progress: ProgressFn | None = None) -> tuple[str, int]:
@@ -115,6 +125,9 @@ class LocalStore:
                 os.fsync(tmp.fileno())
             except OSError as exc:
                 raise _disk_error(exc) from None
+            if os.fstat(tmp.fileno()).st_size != size:
+                raise OperationFailed(f"the store wrote {os.fstat(tmp.fileno()).st_size} of {size} bytes; "
+                                      "check the disk and try again")
             return self._publish(tmp_path, sha, size)
 
     def _ingest_link(self, source: Path, progress: ProgressFn | None) -> Ingested | None:

@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny real models, registry homes, fresh SQLite and PostgreSQL databases, a CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tinymodel import build_tiny_llama  # noqa: E402
+
+from registry import Registry  # noqa: E402
+from registry.db import dispose_all  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get("REGISTRY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REGISTRY_BIN = str(Path(sys.executable).parent / "registry")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_template(tmp_path_factory) -> Path:
+    """A tiny random Llama with a locally trained tokenizer, built once per session."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", seed=0)
+
+
+@pytest.fixture
+def tiny_model(tiny_model_template, tmp_path) -> Path:
+    """A private copy of the tiny Llama folder that a test may change."""
+    dest = tmp_path / "llama"
+    shutil.copytree(tiny_model_template, dest)
+    return dest
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh REGISTRY_HOME (SQLite catalog) for this test, also set for subprocesses."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("REGISTRY_HOME", str(path))
+    monkeypatch.delenv("REGISTRY_DATABASE_URL", raising=False)
+    yield path
+    dispose_all()
+
+
+def _create_pg_database() -> str:
+    import psycopg
+
+    name = f"registry_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def _drop_pg_database(name: str) -> None:
+    import psycopg
+
+    dispose_all()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, home, monkeypatch) -> str:
+    """The catalog URL for this test: a SQLite file in the home, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{home / 'registry.db'}"
+        yield url
+        return
+    from sqlalchemy.engine import make_url
+
+    name = _create_pg_database()
+    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name).render_as_string(False)
+    monkeypatch.setenv("REGISTRY_DATABASE_URL", url)
+    yield url
+    _drop_pg_database(name)
+
+
+@pytest.fixture
+def reg(home) -> Registry:
+    """A Registry on the test's home (SQLite)."""
+    r = Registry()
+    r.init()
+    return r
+
+
+def run_cli(*args: str, env: dict | None = None, check: int | None = 0, **kw) -> subprocess.CompletedProcess:
+    """Run the real `registry` console script; assert its exit code when `check` is not None."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([REGISTRY_BIN, *args], capture_output=True, text=True, env=full_env, **kw)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def cli_json(*args: str, **kw):
+    """Run a read command with --json and parse its output."""
+    return json.loads(run_cli(*args, "--json", **kw).stdout)
+
+
+def write_safetensors_header(path: Path, header: dict, data_len: int, length_override: int | None = None) -> None:
+    """Write a safetensors-shaped file with an arbitrary (possibly invalid) header."""
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", length_override if length_override is not None else len(raw)))
+        f.write(raw)
+        f.write(b"\0" * data_len)
+
+
+def blob_files(home: Path) -> list[Path]:
+    """Every blob file in a registry home."""
+    return sorted(p for p in (home / "blobs" / "sha256").glob("*/*") if p.is_file())
