@@ -67,6 +67,7 @@ def _drop_pg_database(name: str) -> None:
 def db_url(request, home, monkeypatch) -> str:
     """The catalog URL for this test: a SQLite file in the home, or a fresh PostgreSQL database."""
     if request.param == "sqlite":
+        home.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{home / 'registry.db'}"
         yield url
         return

@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch; pip finds it on this machine's disk (elsewhere it comes from PyPI).
+TORCH_SPEC ?= torch==2.13.0
+DEMO_HOME ?= demo-home
+
+.PHONY: venv test demo bench-verify clean services
+
+$(BIN)/registry: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/registry
+
+venv: $(BIN)/registry
+
+services:
+	bash tests/services.sh
+
+test: venv services
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	rm -rf $(DEMO_HOME) demo-model demo-export
+	$(BIN)/python tests/tinymodel.py demo-model
+	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry init
+	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry import demo-model --name tiny-llama
+	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry tag tiny-llama tiny-llama:demo
+	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry verify tiny-llama:demo
+	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry export tiny-llama:demo demo-export
+	cd demo-export && REGISTRY_HOME=../$(DEMO_HOME) ../$(BIN)/registry manifest tiny-llama --format sha256sum | sha256sum -c
+	$(BIN)/python -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('demo-export'); print('loaded', type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
+	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry list
+
+bench-verify: venv
+	$(BIN)/python bench/verify.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_HOME) demo-model demo-export bench/out
