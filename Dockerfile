@@ -4,6 +4,6 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY registry registry
 COPY workers workers
 COPY migrations migrations
-RUN pip install --no-cache-dir torch --index-url https://download.pytorch.org/whl/cpu && pip install --no-cache-dir .
+RUN pip install --no-cache-dir .
 ENTRYPOINT []
 CMD ["registry", "worker"]
