@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_HOME ?= demo-home
 
-.PHONY: venv test demo bench-verify clean services
+OLAH_VENV ?= .olah-venv
+
+.PHONY: venv test demo bench-verify clean services test-deps
 
 $(BIN)/registry: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +22,17 @@ venv: $(BIN)/registry
 services:
 	bash tests/services.sh
 
-test: venv services
+# The HF-compatible test server (olah) lives in its own venv so its dependencies stay apart from ours;
+# git-lfs lets the tests build a repository whose weights are LFS files.
+$(OLAH_VENV)/bin/olah-cli:
+	$(PYTHON) -m venv $(OLAH_VENV)
+	$(OLAH_VENV)/bin/pip install -q olah
+
+test-deps: $(OLAH_VENV)/bin/olah-cli
+	command -v git-lfs >/dev/null || (apt-get update -q && apt-get install -y -q git-lfs) || \
+	  (echo "install git-lfs for the LFS pull test" >&2; exit 1)
+
+test: venv test-deps services
 	$(BIN)/python -m pytest -q
 
 demo: venv
@@ -39,4 +51,4 @@ bench-verify: venv
 	$(BIN)/python bench/verify.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) demo-model demo-export bench/out
+	rm -rf $(VENV) $(OLAH_VENV) $(DEMO_HOME) demo-model demo-export bench/out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -63,6 +63,7 @@ def resolve(session: Session, ref: str) -> Artifact:
 
 def insert_blobs(session: Session, ingested: Iterable[Ingested]) -> None:
     """Record blobs, leaving rows that already exist untouched (a concurrent import may have added them)."""
+    ingested = list(ingested)
     now = utcnow()
     rows = {i.sha256: dict(sha256=i.sha256, size=i.size, verified_at=now, stat_size=i.stamp.size,
                            stat_mtime_ns=i.stamp.mtime_ns, stat_inode=i.stamp.inode) for i in ingested}
@@ -70,6 +71,10 @@ def insert_blobs(session: Session, ingested: Iterable[Ingested]) -> None:
         return
     dialect = sqlite if session.get_bind().dialect.name == "sqlite" else postgresql
     session.execute(dialect.insert(Blob).values(list(rows.values())).on_conflict_do_nothing())
+    for i in ingested:
+        if i.git_sha1:
+            session.execute(update(Blob).where(Blob.sha256 == i.sha256, Blob.git_sha1.is_(None))
+                            .values(git_sha1=i.git_sha1))
 
 
 def register_artifact(session: Session, store: LocalStore, *, name: str, kind: str,
@@ -93,7 +98,8 @@ def register_artifact(session: Session, store: LocalStore, *, name: str, kind: s
     source = source or {}
     artifact = Artifact(name=name, kind=kind, status="ready", digest=digest, meta=meta,
                         total_size=sum(i.size for i in files.values()), source_repo=source.get("repo"),
-                        source_revision=source.get("revision"), source_path=source.get("path"))
+                        source_revision=source.get("revision"), source_path=source.get("path"),
+                        source_endpoint=source.get("endpoint"), source_ref=source.get("ref"))
     artifact.files = [File(path=p, sha256=i.sha256, size=i.size) for p, i in files.items()]
     session.add(artifact)
     session.flush()
@@ -130,7 +136,7 @@ def summary(session: Session, artifact: Artifact) -> dict[str, Any]:
         "digest": artifact.digest, "size": artifact.total_size, "files": len(artifact.files),
         "created_at": artifact.created_at.isoformat() + "Z", "tags": tags_of(session, artifact.id),
         "source": {"repo": artifact.source_repo, "revision": artifact.source_revision,
-                   "path": artifact.source_path},
+                   "path": artifact.source_path, "endpoint": artifact.source_endpoint, "ref": artifact.source_ref},
     }
 
 
@@ -165,6 +171,12 @@ def set_tag(session: Session, ref: str, tag_name: str) -> tuple[Artifact, str | 
     """Point a tag at an artifact, moving it if it exists; returns (artifact, previous digest)."""
     check_name(tag_name, "tag")
     artifact = resolve(session, ref)
+    return artifact, tag_artifact(session, artifact, tag_name)
+
+
+def tag_artifact(session: Session, artifact: Artifact, tag_name: str) -> str | None:
+    """Point a tag at this artifact; returns the digest it pointed at before, if any."""
+    check_name(tag_name, "tag")
     clash = session.scalars(select(Artifact).where(Artifact.name == tag_name, Artifact.status != "deleted")).first()
     if clash is not None and clash.id != artifact.id:
         raise Conflict(f"tag {tag_name!r} would hide the artifact named {tag_name!r}; choose another tag")
@@ -176,7 +188,7 @@ def set_tag(session: Session, ref: str, tag_name: str) -> tuple[Artifact, str | 
         previous = session.get(Artifact, tag.artifact_id).digest
         tag.artifact_id, tag.updated_at = artifact.id, utcnow()
     record_event(session, "tagged", artifact.id, tag=tag_name, previous=previous)
-    return artifact, previous
+    return previous
 
 
 def remove_artifact(session: Session, ref: str, force: bool = False) -> Artifact:

@@ -115,6 +115,57 @@ def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detac
                    f"{render.human_size(r['size'])}, {render.human_size(r['bytes_added'])} added to the store")
 
 
+@cli.command()
+@click.argument("repo")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching (repeatable).")
+@click.option("--endpoint", help="Hub or mirror URL (default: HF_ENDPOINT, else the public hub).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the access token "
+              "(default: HF_TOKEN, else the huggingface_hub login).")
+@click.option("--name", help="Artifact name (default: the repo id).")
+@click.option("--kind", type=click.Choice(KINDS), help="Override the detected kind.")
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 64), help="Parallel downloads.")
+@detach_option
+@json_option
+def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, detach, as_json) -> None:
+    """Download REPO_ID[@REVISION] from the hub, verifying every file as it arrives.
+
+    \b
+    registry pull meta-llama/Llama-2-7b-hf
+    registry pull org/model@v1.0 --include '*.safetensors' --include '*.json'
+    HF_ENDPOINT=https://mirror.example registry pull org/model
+    """
+    from . import hub
+    from .pull import pull_offline
+
+    repo_id, revision = hub.parse_repo_ref(repo)
+    if hub.offline():
+        found = pull_offline(_reg(), repo_id, revision)
+        render.emit_json(found) if as_json else click.echo(
+            f"offline: {repo_id}@{revision} is already registered as {found['name']} {found['digest']}")
+        return
+    endpoint = hub.endpoint_url(endpoint)
+    commit = hub.resolve_commit(endpoint, repo_id, revision, hub.read_token(token_file))
+    params = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": endpoint,
+              "token_file": token_file and str(Path(token_file).absolute()), "include": sorted(include),
+              "exclude": sorted(exclude), "name": name, "kind": kind, "workers": workers}
+    key = "pull:" + "|".join(str(params[k]) for k in ("endpoint", "repo_id", "commit", "include", "exclude",
+                                                       "name", "kind"))
+    job = _run("pull", params, key, detach, as_json)
+    if job is None:
+        return
+    r = job.result
+    for warning in r["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        render.emit_json({"job": job.id, **r})
+    else:
+        click.echo(f"pulled {r['repo_id']}@{r['commit'][:12]} as {r['name']} ({r['kind']}) {r['digest']}: "
+                   f"{r['files']} files, {render.human_size(r['size'])}; downloaded {r['files_downloaded']} files "
+                   f"({render.human_size(r['bytes_downloaded'])}), the rest was already in the store; "
+                   f"tagged {r['tag']}")
+
+
 @cli.command("list")
 @click.option("--kind", type=click.Choice(KINDS), help="Only artifacts of this kind.")
 @click.option("--deleted", is_flag=True, help="Include deleted artifacts.")
@@ -143,12 +194,18 @@ def show(ref: str, as_json: bool) -> None:
 @click.argument("refs", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Verify every artifact.")
 @click.option("--quick", is_flag=True, help="Compare stat stamps only (size, mtime, inode); reads no bytes.")
+@click.option("--upstream", is_flag=True, help="Compare pulled artifacts with the hub's hashes for their pinned "
+                                               "commit, and say whether the branch has moved since.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Token for --upstream (default: HF_TOKEN).")
 @detach_option
 @json_option
-def verify(refs: tuple[str, ...], all_: bool, quick: bool, detach: bool, as_json: bool) -> None:
+def verify(refs: tuple[str, ...], all_: bool, quick: bool, upstream: bool, token_file: str | None, detach: bool,
+           as_json: bool) -> None:
     """Re-hash every file of the artifacts against their manifests; exit 1 on any failure."""
     if not refs and not all_:
         raise BadInput("name at least one artifact to verify, or pass --all")
+    if upstream:
+        return _verify_upstream(refs, token_file, as_json)
     with _reg().session() as s:  # resolve now so the dedup key names digests, not movable tags
         digests = sorted({catalog.resolve(s, r).digest for r in refs})
     params = {"refs": digests, "all": all_, "quick": quick}
@@ -160,6 +217,17 @@ def verify(refs: tuple[str, ...], all_: bool, quick: bool, detach: bool, as_json
         else render.verify_reports(reports)
     if job.state != "succeeded":
         sys.exit(job.exit_code or 1)
+
+
+def _verify_upstream(refs: tuple[str, ...], token_file: str | None, as_json: bool) -> None:
+    from . import hub
+    from .upstream import check_upstream
+
+    token = hub.read_token(token_file)
+    checks = [check_upstream(_reg(), ref, token) for ref in refs]
+    render.emit_json([c.to_dict() for c in checks]) if as_json else render.upstream_reports(checks)
+    if not all(c.ok for c in checks):
+        sys.exit(1)
 
 
 @cli.command()

@@ -80,6 +80,29 @@ def claim(session: Session, owner: str, lease_seconds: float = DEFAULT_LEASE_SEC
         return job
 
 
+def owner_is_dead(owner: str | None) -> bool:
+    """True when the lease owner is a process on this host that no longer exists (killed, crashed)."""
+    if not owner or owner.count(":") < 2:
+        return False
+    host, pid, _ = owner.rsplit(":", 2)
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def expire_lease(session: Session, job_id: int) -> None:
+    """Let the job be claimed at once (its owner is known to be dead)."""
+    job = get(session, job_id)
+    if job.state == "running":
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+
+
 def _owned(session: Session, job_id: int, owner: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.state != "running" or job.lease_owner != owner:

@@ -48,6 +48,8 @@ class Artifact(Base):
     source_repo: Mapped[Optional[str]] = mapped_column(String(255))
     source_revision: Mapped[Optional[str]] = mapped_column(String(255))
     source_path: Mapped[Optional[str]] = mapped_column(Text)
+    source_endpoint: Mapped[Optional[str]] = mapped_column(String(255))
+    source_ref: Mapped[Optional[str]] = mapped_column(String(255))  # the revision asked for, e.g. main
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
@@ -64,6 +66,8 @@ class Blob(Base):
     stat_size: Mapped[Optional[int]]
     stat_mtime_ns: Mapped[Optional[int]]
     stat_inode: Mapped[Optional[int]]
+    # The git blob id (sha1 of "blob <len>\0" + content): lets a pull skip non-LFS files the store has.
+    git_sha1: Mapped[Optional[str]] = mapped_column(String(40), index=True)
 
 
 class File(Base):

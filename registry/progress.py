@@ -12,6 +12,9 @@ class Reporter(Protocol):
     def start(self, total: int | None, unit: str = "B", description: str = "") -> None: ...
     def advance(self, amount: int) -> None: ...
     def finish(self) -> None: ...
+    def file_started(self, name: str, total: int) -> object: ...
+    def file_advance(self, handle: object, amount: int) -> None: ...
+    def file_finished(self, handle: object) -> None: ...
 
 
 class NullReporter:
@@ -31,6 +34,15 @@ class NullReporter:
             self.done += amount
 
     def finish(self) -> None:
+        pass
+
+    def file_started(self, name: str, total: int) -> object:
+        return None
+
+    def file_advance(self, handle: object, amount: int) -> None:
+        pass
+
+    def file_finished(self, handle: object) -> None:
         pass
 
 
@@ -64,6 +76,20 @@ class RichReporter(NullReporter):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def file_started(self, name: str, total: int) -> object:
+        """A line of its own for a file in flight (parallel downloads)."""
+        if self._progress is None:
+            return None
+        return self._progress.add_task(f"  {name}", total=total)
+
+    def file_advance(self, handle: object, amount: int) -> None:
+        if self._progress is not None and handle is not None:
+            self._progress.update(handle, advance=amount)
+
+    def file_finished(self, handle: object) -> None:
+        if self._progress is not None and handle is not None:
+            self._progress.remove_task(handle)
 
 
 def terminal_reporter() -> NullReporter:

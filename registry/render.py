@@ -117,3 +117,17 @@ def job_details(j: dict[str, Any]) -> None:
     p = j["progress"]
     if p["total"]:
         click.echo(f"{'progress:':<20}{p['done']}/{p['total']} {p['unit'] or ''}")
+
+
+def upstream_reports(checks) -> None:
+    """`verify --upstream`: one line per file, then whether the branch moved."""
+    for c in checks:
+        click.echo(f"{c.name}: {c.repo_id}@{c.commit[:12]} {'matches the hub' if c.ok else 'DIFFERS from the hub'}")
+        for f in c.files:
+            extra = f"  expected {f['expected']}  actual {f['actual']}" if f["status"] == "mismatch" else ""
+            click.echo(f"  {f['status'].upper() if f['status'] != 'ok' else 'ok':<12}{f['path']}{extra}")
+        if c.moved:
+            click.echo(f"  {c.ref} has moved: pinned {c.commit[:12]}, now {c.ref_now[:12]}; "
+                       f"pull {c.repo_id}@{c.ref} to update")
+        elif c.ref and c.ref != c.commit:
+            click.echo(f"  {c.ref} still points at {c.commit[:12]}")

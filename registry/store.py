@@ -43,6 +43,7 @@ class Ingested:
     size: int
     added: bool
     stamp: StatStamp
+    git_sha1: str | None = None
 
 
 class BlobStore(Protocol):
@@ -68,21 +69,26 @@ def hash_stream(stream: BinaryIO, progress: ProgressFn | None = None, sink: Bina
         chunk = view[:n]
         digest.update(chunk)
         if sink is not None:
-            _write_all(sink, chunk)
+            write_all(sink, chunk)
         total += n
         if progress:
             progress(n)
     return digest.hexdigest(), total
 
 
-def _write_all(sink: BinaryIO, data: memoryview) -> None:
+def write_all(sink: BinaryIO, data: bytes | memoryview) -> None:
+    """Write every byte to an unbuffered file; a full disk raises DiskFull."""
     # An unbuffered write may be short (the disk filling up is one cause): loop until all is written,
     # so the next write raises ENOSPC instead of the blob silently missing its tail.
-    while data:
-        written = sink.write(data)
-        if not written:
-            raise OSError(errno.ENOSPC, "short write to the store")
-        data = data[written:]
+    data = memoryview(data)
+    try:
+        while data:
+            written = sink.write(data)
+            if not written:
+                raise OSError(errno.ENOSPC, "short write to the store")
+            data = data[written:]
+    except OSError as exc:
+        raise _disk_error(exc) from None
 
 
 def hash_file(path: Path, progress: ProgressFn | None = None) -> tuple[str, int]:
@@ -128,7 +134,7 @@ class LocalStore:
             if os.fstat(tmp.fileno()).st_size != size:
                 raise OperationFailed(f"the store wrote {os.fstat(tmp.fileno()).st_size} of {size} bytes; "
                                       "check the disk and try again")
-            return self._publish(tmp_path, sha, size)
+            return self.publish(tmp_path, sha, size)
 
     def _ingest_link(self, source: Path, progress: ProgressFn | None) -> Ingested | None:
         before = StatStamp.of(source)
@@ -145,9 +151,10 @@ class LocalStore:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 return None  # another file system: fall back to a copy
             raise
-        return self._publish(tmp_path, sha, size)
+        return self.publish(tmp_path, sha, size)
 
-    def _publish(self, tmp_path: Path, sha: str, size: int) -> Ingested:
+    def publish(self, tmp_path: Path, sha: str, size: int) -> Ingested:
+        """Move a complete, fsynced file whose digest is known into the store (or drop it if present)."""
         dest = self.path(sha)
         if dest.exists():
             tmp_path.unlink(missing_ok=True)

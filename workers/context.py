@@ -43,6 +43,15 @@ class JobReporter(NullReporter):
     def finish(self) -> None:
         self.inner.finish()
 
+    def file_started(self, name: str, total: int) -> object:
+        return self.inner.file_started(name, total)
+
+    def file_advance(self, handle: object, amount: int) -> None:
+        self.inner.file_advance(handle, amount)
+
+    def file_finished(self, handle: object) -> None:
+        self.inner.file_finished(handle)
+
     def stop(self, reason: JobCancelled | LeaseLost) -> None:
         """Make the handler's next progress call raise `reason`."""
         self.stop_reason = reason

@@ -13,12 +13,12 @@ from registry.errors import DatabaseLocked, JobCancelled, LeaseLost, RegistryErr
 from registry.models import Job
 from registry.progress import NullReporter, Reporter
 
-from . import import_folder, verify
+from . import import_folder, pull, verify
 from .context import HandlerResult, JobReporter
 
 log = logging.getLogger("registry.worker")
 Handler = Callable[[Registry, dict, JobReporter, int], HandlerResult]
-HANDLERS: dict[str, Handler] = {"import": import_folder.handle, "verify": verify.handle}
+HANDLERS: dict[str, Handler] = {"import": import_folder.handle, "verify": verify.handle, "pull": pull.handle}
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -109,7 +109,7 @@ def run_or_attach(reg: Registry, job_type: str, params: dict, dedup_key: str | N
                   lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS) -> Job:
     """The CLI path: queue the job (or find the identical one), then run it here or wait for whoever runs it."""
     with reg.session() as s:
-        job, _ = jobs.enqueue(s, job_type, params, dedup_key, max_attempts=3 if detach else 1)
+        job, _ = jobs.enqueue(s, job_type, params, dedup_key)
         job_id = job.id
     if detach:
         return job
@@ -118,10 +118,16 @@ def run_or_attach(reg: Registry, job_type: str, params: dict, dedup_key: str | N
     started = False
     while True:
         with reg.session() as s:
+            current = jobs.get(s, job_id)
+            if current.state == "running" and jobs.owner_is_dead(current.lease_owner):
+                jobs.expire_lease(s, job_id)  # a killed `registry` on this host: take over now, not after the lease
             claimed = jobs.claim(s, owner, lease_seconds, job_id=job_id)
             current = jobs.get(s, job_id)
         if claimed is not None:
-            return run_job(reg, job_id, owner, lease_seconds, terminal)
+            final = run_job(reg, job_id, owner, lease_seconds, terminal)
+            if final.state != "queued":
+                return final
+            continue  # an unexpected error was queued for a retry: wait out the backoff and run it again
         if current.state in FINISHED:
             terminal.finish()
             return current

@@ -1,0 +1,254 @@
+"""`registry pull`: download a hub commit into the store, checking each file against the hub's digests
+in the same pass that writes it, resuming partial files, and skipping content the store already has."""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+from sqlalchemy import select
+
+from . import hub
+from .catalog import register_artifact, tag_artifact
+from .core import Registry
+from .errors import NotFound, OperationFailed
+from .folder import detect_kind, read_metadata
+from .manifest import build_manifest, manifest_digest
+from .models import Artifact, Blob, Tag
+from .progress import NullReporter, Reporter
+from .store import CHUNK, Ingested, StatStamp, write_all
+
+MAX_RECONNECTS = 8
+
+
+@dataclass
+class PullResult:
+    """What a pull did: the artifact, and how many bytes and files crossed the network."""
+
+    artifact_id: int
+    name: str
+    digest: str
+    kind: str
+    repo_id: str
+    commit: str
+    tag: str
+    files: int
+    size: int
+    created: bool
+    files_downloaded: int
+    bytes_downloaded: int
+    bytes_reread: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Downloader:
+    """Fetches files of one commit into the store; safe to call from several threads."""
+
+    def __init__(self, reg: Registry, endpoint: str, repo_id: str, commit: str, token: str | None,
+                 reporter: Reporter):
+        self.reg, self.endpoint, self.repo_id, self.commit = reg, endpoint, repo_id, commit
+        self.reporter = reporter
+        headers = {"user-agent": "registry/0.1"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self.client = httpx.Client(follow_redirects=True, headers=headers,
+                                   timeout=httpx.Timeout(30.0, read=60.0))
+        self.bytes_downloaded = 0
+        self.bytes_reread = 0
+
+    def close(self) -> None:
+        self.client.close()
+
+    def existing(self, f: hub.RemoteFile) -> Ingested | None:
+        """The store's blob for this file when its content is already there (no transfer needed)."""
+        sha = f.sha256
+        if sha is None:
+            with self.reg.session() as s:
+                sha = s.scalars(select(Blob.sha256).where(Blob.git_sha1 == f.git_sha1)).first()
+        if sha is None or not self.reg.store.exists(sha):
+            return None
+        return Ingested(sha, f.size, False, StatStamp.of(self.reg.store.path(sha)), f.git_sha1)
+
+    def fetch(self, f: hub.RemoteFile) -> Ingested:
+        """Download one file (resuming a partial one), verify it, and publish it into the store."""
+        part = self.reg.store.tmp / f"pull-{f.key}.part"
+        with _locked_partial(part) as fh:  # a second process pulling the same content waits here
+            found = self.existing(f)
+            if found is not None:
+                return found
+            handle = self.reporter.file_started(f.path, f.size)
+            try:
+                sha256 = self._download_verified(f, fh, handle)
+            finally:
+                self.reporter.file_finished(handle)
+            os.fsync(fh.fileno())
+            return dataclasses.replace(self.reg.store.publish(part, sha256, f.size), git_sha1=f.git_sha1)
+
+    def _download_verified(self, f: hub.RemoteFile, fh: BinaryIO, handle: object) -> str:
+        for attempt in (1, 2):  # content that does not match is fetched once more from scratch
+            sha256, sha1 = self._download(f, fh, handle)
+            actual, expected = (sha256, f.sha256) if f.sha256 else (sha1, f.git_sha1)
+            if actual == expected:
+                return sha256
+            fh.truncate(0)
+        digest = "sha256" if f.sha256 else "git blob sha1"
+        raise OperationFailed(f"{f.path}: downloaded content does not match the hub ({digest} expected "
+                              f"{expected}, got {actual}); nothing was registered")
+
+    def _download(self, f: hub.RemoteFile, fh: BinaryIO, handle: object) -> tuple[str, str]:
+        sha256, sha1 = hashlib.sha256(), hashlib.sha1(f"blob {f.size}\0".encode())
+        offset = fh.seek(0, os.SEEK_END)
+        if offset > f.size:
+            fh.truncate(0)
+            offset = 0
+        if offset:  # resuming: hash what is already on disk (the only bytes ever read back)
+            fh.seek(0)
+            for chunk in iter(lambda: fh.read(CHUNK), b""):
+                sha256.update(chunk)
+                sha1.update(chunk)
+            self.bytes_reread += offset
+            self.reporter.advance(offset)
+        url = hub.file_url(self.endpoint, self.repo_id, self.commit, f.path)
+        failures = 0
+        while True:
+            try:
+                offset = self._stream(url, f, fh, offset, sha256, sha1, handle)
+                if offset >= f.size:
+                    return sha256.hexdigest(), sha1.hexdigest()
+                raise httpx.RemoteProtocolError(f"server closed the connection at byte {offset} of {f.size}")
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > MAX_RECONNECTS:
+                    raise OperationFailed(f"{f.path}: the connection kept dropping ({exc}); run the pull again "
+                                          "to resume from the bytes already downloaded") from None
+                time.sleep(min(0.1 * 2 ** failures, 5.0))
+                offset = fh.seek(0, os.SEEK_END)
+
+    def _stream(self, url: str, f: hub.RemoteFile, fh: BinaryIO, offset: int, sha256, sha1,
+                handle: object) -> int:
+        headers = {"range": f"bytes={offset}-"} if offset else {}
+        with self.client.stream("GET", url, headers=headers) as resp:
+            if resp.status_code >= 400:
+                raise hub.http_error(resp.status_code, f"{self.repo_id}@{self.commit[:12]}: {f.path}")
+            if offset and resp.status_code == 200:  # the server ignored Range: start over
+                fh.truncate(0)
+                offset = 0
+                sha256.__init__()
+                sha1.__init__(f"blob {f.size}\0".encode())
+            elif resp.status_code == 206 and not resp.headers.get("content-range", "").startswith(f"bytes {offset}-"):
+                raise OperationFailed(f"{f.path}: the server resumed at the wrong offset; try again")
+            for chunk in resp.iter_bytes():  # as it arrives: a sized iterator would lose its buffer on a drop
+                write_all(fh, chunk)
+                sha256.update(chunk)
+                sha1.update(chunk)
+                offset += len(chunk)
+                self.bytes_downloaded += len(chunk)
+                self.reporter.advance(len(chunk))
+                self.reporter.file_advance(handle, len(chunk))
+                if offset > f.size:
+                    break
+        return offset
+
+
+class _locked_partial:
+    """Open a partial download file and hold an exclusive lock on it (re-opening if it was renamed)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> BinaryIO:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fh = open(self.path, "ab+", buffering=0)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino:
+                    self.fh = fh
+                    return fh
+            except FileNotFoundError:
+                pass
+            fh.close()  # another process published it meanwhile; look again
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+
+def pull(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str, token: str | None,
+         include: list[str] | None = None, exclude: list[str] | None = None, name: str | None = None,
+         kind: str | None = None, workers: int = 8, reporter: Reporter | None = None,
+         job_id: int | None = None) -> PullResult:
+    """Download `repo_id` at `commit` into the store and register it, tagged REPO_ID:REVISION."""
+    reporter = reporter or NullReporter()
+    files = hub.list_files(endpoint, repo_id, commit, token, include, exclude)
+    downloader = Downloader(reg, endpoint, repo_id, commit, token, reporter)
+    try:
+        present = {f.path: downloader.existing(f) for f in files}
+        needed = [f for f in files if present[f.path] is None]
+        reporter.start(sum(f.size for f in needed), "B", f"pulling {repo_id}")
+        with ThreadPoolExecutor(max(1, min(workers, len(needed) or 1))) as pool:
+            fetched = dict(zip((f.path for f in needed), pool.map(downloader.fetch, needed)))
+        reporter.finish()
+    finally:
+        downloader.close()
+    ingested = {f.path: present[f.path] or fetched[f.path] for f in files}
+    return _register(reg, repo_id, revision, commit, endpoint, ingested, name, kind, job_id,
+                     len(needed), downloader)
+
+
+def _register(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str,
+              ingested: dict[str, Ingested], name: str | None, kind: str | None, job_id: int | None,
+              downloaded: int, downloader: Downloader) -> PullResult:
+    meta = read_metadata({rel: reg.store.path(i.sha256) for rel, i in ingested.items()})
+    kind = kind or detect_kind(dict.fromkeys(ingested), meta)
+    digest = manifest_digest(build_manifest(kind, ((p, i.size, i.sha256) for p, i in ingested.items()), meta))
+    tag = f"{repo_id}:{revision}"
+    with reg.session() as s:
+        chosen = name or _default_name(s, repo_id, commit, digest)
+        a, created = register_artifact(s, reg.store, name=chosen, kind=kind, files=ingested, meta=meta,
+                                       source={"repo": repo_id, "revision": commit, "endpoint": endpoint,
+                                               "ref": revision}, job_id=job_id)
+        tag_artifact(s, a, tag)
+        warnings = [f"{rel} is a pickle file: loading it can run arbitrary code; prefer safetensors"
+                    for rel in meta.get("unsafe_files", [])]
+        return PullResult(a.id, a.name, a.digest, a.kind, repo_id, commit, tag, len(a.files), a.total_size,
+                          created, downloaded, downloader.bytes_downloaded, downloader.bytes_reread, warnings)
+
+
+def _default_name(session, repo_id: str, commit: str, digest: str) -> str:
+    """The repo id, unless another artifact holds that name; then repo_id@<commit prefix>."""
+    holder = session.scalars(select(Artifact).where(Artifact.name == repo_id, Artifact.status != "deleted")).first()
+    return repo_id if holder is None or holder.digest == digest else f"{repo_id}@{commit[:12]}"
+
+
+def find_pulled(reg: Registry, repo_id: str, revision: str) -> dict[str, Any] | None:
+    """An artifact already pulled for repo@revision (by its tag, or a commit id prefix), for offline use."""
+    with reg.session() as s:
+        tag = s.get(Tag, f"{repo_id}:{revision}")
+        artifact = s.get(Artifact, tag.artifact_id) if tag else None
+        if artifact is None and len(revision) >= 7:
+            artifact = s.scalars(select(Artifact).where(
+                Artifact.source_repo == repo_id, Artifact.source_revision.startswith(revision),
+                Artifact.status != "deleted")).first()
+        if artifact is None or artifact.status == "deleted":
+            return None
+        return {"name": artifact.name, "digest": artifact.digest, "commit": artifact.source_revision,
+                "files": len(artifact.files), "size": artifact.total_size}
+
+
+def pull_offline(reg: Registry, repo_id: str, revision: str) -> dict[str, Any]:
+    """With HF_HUB_OFFLINE set: succeed from the store when present, else a clear error."""
+    found = find_pulled(reg, repo_id, revision)
+    if found is None:
+        raise NotFound(f"HF_HUB_OFFLINE is set and {repo_id}@{revision} is not in the registry; "
+                       "pull it once while online")
+    return found
