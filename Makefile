@@ -8,7 +8,7 @@ DEMO_HOME ?= demo-home
 
 OLAH_VENV ?= .olah-venv
 
-.PHONY: venv test demo bench-verify clean services test-deps
+.PHONY: venv test demo bench-verify bench-pull clean services test-deps
 
 $(BIN)/registry: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ demo: venv
 
 bench-verify: venv
 	$(BIN)/python bench/verify.py
+
+bench-pull: venv test-deps
+	$(BIN)/python bench/pull.py
 
 clean:
 	rm -rf $(VENV) $(OLAH_VENV) $(DEMO_HOME) demo-model demo-export bench/out
