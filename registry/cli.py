@@ -166,6 +166,43 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, deta
                    f"tagged {r['tag']}")
 
 
+@cli.command()
+@click.argument("base")
+@click.argument("adapter")
+@click.option("--name", help="Name of the merged artifact (default: ADAPTER-merged).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Output dtype of float tensors (auto keeps the base's).")
+@click.option("--check", is_flag=True, help="Also run one prompt through peft (base + adapter) and the merged "
+                                            "model, and record the largest logit difference.")
+@click.option("--force", is_flag=True, help="Merge even though the adapter names another base model.")
+@click.option("--allow-pickle", is_flag=True, help="Accept an adapter_model.bin (loaded with weights_only=True).")
+@detach_option
+@json_option
+def merge(base, adapter, name, dtype, check, force, allow_pickle, detach, as_json) -> None:
+    """Fuse a LoRA ADAPTER into its BASE, tensor by tensor, exactly as peft's merge_and_unload.
+
+    \b
+    registry merge llama-7b my-lora --name llama-7b-chat
+    registry merge llama-7b my-lora --dtype bf16 --check
+    """
+    with _reg().session() as s:  # resolve now so the dedup key names digests, not movable tags
+        base_digest, adapter_digest = catalog.resolve(s, base).digest, catalog.resolve(s, adapter).digest
+    params = {"base": base_digest, "adapter": adapter_digest, "name": name, "dtype": dtype, "check": check,
+              "force": force, "allow_pickle": allow_pickle}
+    key = "merge:" + "|".join(str(params[k]) for k in sorted(params))
+    job = _run("merge", params, key, detach, as_json)
+    if job is None:
+        return
+    r = job.result
+    if as_json:
+        render.emit_json({"job": job.id, **r})
+        return
+    click.echo(f"merged {adapter} into {base}: {r['name']} {r['digest']} ({r['tensors_merged']} tensors merged, "
+               f"{r['tensors_replaced']} replaced, {render.human_size(r['bytes_added'])} added to the store)")
+    if r["check"]:
+        click.echo(f"check: largest logit difference against peft {r['check']['max_logit_diff']:.3g}")
+
+
 @cli.command("list")
 @click.option("--kind", type=click.Choice(KINDS), help="Only artifacts of this kind.")
 @click.option("--deleted", is_flag=True, help="Include deleted artifacts.")

@@ -56,8 +56,8 @@ class BlobStore(Protocol):
     def iter_blobs(self) -> Iterator[tuple[str, Path]]: ...
 
 
-def hash_stream(stream: BinaryIO, progress: ProgressFn | None = None, sink: BinaryIO | None = None) -> tuple[str, int]:
-    """SHA-256 and length of a stream, optionally copying it to `sink` in the same pass."""
+def hash_stream(stream: BinaryIO, progress: ProgressFn | None = None) -> tuple[str, int]:
+    """SHA-256 and length of a stream, read in large chunks into one reused buffer."""
     digest = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -66,10 +66,7 @@ def hash_stream(stream: BinaryIO, progress: ProgressFn | None = None, sink: Bina
         n = stream.readinto(buf)
         if not n:
             break
-        chunk = view[:n]
-        digest.update(chunk)
-        if sink is not None:
-            write_all(sink, chunk)
+        digest.update(view[:n])
         total += n
         if progress:
             progress(n)
@@ -124,17 +121,18 @@ class LocalStore:
 
     def ingest_stream(self, stream: BinaryIO, progress: ProgressFn | None = None) -> Ingested:
         """Copy a stream into the store, hashing it in the same pass."""
-        with self.temp_file() as (tmp_path, tmp):
-            try:
-                sha, size = hash_stream(stream, progress, sink=tmp)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            except OSError as exc:
-                raise _disk_error(exc) from None
-            if os.fstat(tmp.fileno()).st_size != size:
-                raise OperationFailed(f"the store wrote {os.fstat(tmp.fileno()).st_size} of {size} bytes; "
-                                      "check the disk and try again")
-            return self.publish(tmp_path, sha, size)
+        with self.writer() as w:
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while n := stream.readinto(buf):
+                w.write(view[:n])
+                if progress:
+                    progress(n)
+            return w.finish()
+
+    def writer(self) -> "BlobWriter":
+        """A new blob written piece by piece (hashed as it is written); call finish() to publish it."""
+        return BlobWriter(self)
 
     def _ingest_link(self, source: Path, progress: ProgressFn | None) -> Ingested | None:
         before = StatStamp.of(source)
@@ -201,6 +199,40 @@ class LocalStore:
             except (FileNotFoundError, IsADirectoryError):
                 continue
             yield path
+
+
+class BlobWriter:
+    """Writes a blob into a locked temporary file, hashing in the same pass; nothing is left if not finished."""
+
+    def __init__(self, store: LocalStore):
+        self.store = store
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def __enter__(self) -> "BlobWriter":
+        self._temp = self.store.temp_file()
+        self.path, self.file = self._temp.__enter__()
+        return self
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes to the blob."""
+        write_all(self.file, data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def finish(self) -> Ingested:
+        """fsync and move the blob into the store."""
+        try:
+            os.fsync(self.file.fileno())
+        except OSError as exc:
+            raise _disk_error(exc) from None
+        if os.fstat(self.file.fileno()).st_size != self.size:
+            raise OperationFailed(f"the store wrote {os.fstat(self.file.fileno()).st_size} of {self.size} bytes; "
+                                  "check the disk and try again")
+        return self.store.publish(self.path, self.digest.hexdigest(), self.size)
+
+    def __exit__(self, *exc) -> None:
+        self._temp.__exit__(*exc)
 
 
 class _TempFile:
