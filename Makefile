@@ -8,7 +8,7 @@ DEMO_HOME ?= demo-home
 
 OLAH_VENV ?= .olah-venv
 
-.PHONY: venv test demo bench-verify bench-pull clean services test-deps
+.PHONY: venv test demo bench-verify bench-pull bench-merge clean services test-deps
 
 $(BIN)/registry: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench-verify: venv
 
 bench-pull: venv test-deps
 	$(BIN)/python bench/pull.py
+
+bench-merge: venv
+	$(BIN)/python bench/merge.py
 
 clean:
 	rm -rf $(VENV) $(OLAH_VENV) $(DEMO_HOME) demo-model demo-export bench/out

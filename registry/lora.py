@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .errors import BadInput
+from .st import SafetensorsFile, TensorRef
 
 PREFIX = "base_model.model."
 # Config keys that change what a merge means; any of them set is refused rather than silently ignored.
@@ -24,7 +25,7 @@ class LoraModule:
     """The LoRA tensors for one module, and how to fold them into `<module>.weight`."""
 
     module: str
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, TensorRef] = field(default_factory=dict)
     r: int = 0
     alpha: float = 0.0
     scaling: float = 0.0
@@ -44,24 +45,24 @@ class AdapterPlan:
 
     config: dict[str, Any]
     modules: dict[str, LoraModule]
-    replacements: dict[str, torch.Tensor]
+    replacements: dict[str, TensorRef]
 
     @property
     def fan_in_fan_out(self) -> bool:
         return bool(self.config.get("fan_in_fan_out"))
 
 
-def load_adapter_tensors(files: dict[str, Path], allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """adapter_model.safetensors, or adapter_model.bin with allow_pickle (loaded weights_only)."""
-    from safetensors.torch import load_file
-
+def load_adapter_tensors(files: dict[str, Path], allow_pickle: bool) -> dict[str, TensorRef]:
+    """adapter_model.safetensors (read lazily, module by module), or adapter_model.bin with allow_pickle."""
     if "adapter_model.safetensors" in files:
-        return load_file(str(files["adapter_model.safetensors"]))
+        st = SafetensorsFile(files["adapter_model.safetensors"], "adapter_model.safetensors")
+        return {name: TensorRef(st, name) for name, _ in st.tensors()}
     if "adapter_model.bin" in files:
         if not allow_pickle:
             raise BadInput("the adapter is only in adapter_model.bin (pickle); pass --allow-pickle to load it "
                            "with torch.load(weights_only=True), or convert it to safetensors")
-        return torch.load(files["adapter_model.bin"], map_location="cpu", weights_only=True)
+        loaded = torch.load(files["adapter_model.bin"], map_location="cpu", weights_only=True)
+        return {name: TensorRef(t) for name, t in loaded.items()}
     raise BadInput("the adapter has no adapter_model.safetensors (or adapter_model.bin)")
 
 
@@ -83,7 +84,7 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def plan_adapter(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdapterPlan:
+def plan_adapter(config: dict[str, Any], tensors: dict[str, TensorRef]) -> AdapterPlan:
     """Group adapter tensors by module and compute each module's scaling; refuse unknown keys."""
     check_config(config)
     modules: dict[str, LoraModule] = {}
@@ -129,8 +130,8 @@ def delta_weight(mod: LoraModule, fan_in_fan_out: bool) -> torch.Tensor:
     """scaling * B @ A in float32, laid out like the base weight (as peft's get_delta_weight)."""
     t = mod.tensors
     if mod.is_embedding:
-        return (t["embB"].float() @ t["embA"].float()).T * mod.scaling
-    delta = t["B"].float() @ t["A"].float()
+        return (t["embB"].load().float() @ t["embA"].load().float()).T * mod.scaling
+    delta = t["B"].load().float() @ t["A"].load().float()
     return (delta.T if fan_in_fan_out else delta) * mod.scaling
 
 
@@ -146,12 +147,11 @@ def merged_shape(mod: LoraModule, fan_in_fan_out: bool) -> tuple[int, ...]:
 def merge_weight(weight: torch.Tensor, mod: LoraModule, fan_in_fan_out: bool) -> torch.Tensor:
     """W + delta computed in float32 and cast back to W's dtype; DoRA rescales rows by magnitude / norm."""
     if "base" in mod.tensors:  # the adapter saved its own copy of the base layer (resized embeddings)
-        weight = mod.tensors["base"].to(weight.dtype)
-    delta = delta_weight(mod, fan_in_fan_out)
-    merged = weight.float() + delta
+        weight = mod.tensors["base"].load().to(weight.dtype)
+    merged = delta_weight(mod, fan_in_fan_out).add_(weight)  # in place: one float32 buffer, not two
     if "magnitude" in mod.tensors:
         oriented = merged.T if fan_in_fan_out else merged
         norm = torch.linalg.norm(oriented, dim=1)
-        factor = (mod.tensors["magnitude"].float() / norm).view(-1, 1)
+        factor = (mod.tensors["magnitude"].load().float() / norm).view(-1, 1)
         merged = (factor.T if fan_in_fan_out else factor) * merged
     return merged.to(weight.dtype)

@@ -18,37 +18,15 @@ import torch
 from .catalog import register_artifact, resolve, tags_of
 from .core import Registry
 from .errors import BadInput, Conflict, OperationFailed
-from .folder import read_safetensors_header
 from .lora import AdapterPlan, load_adapter_tensors, merge_weight, merged_shape, plan_adapter
 from .models import Artifact
 from .progress import NullReporter, Reporter
+from .st import ST_TO_TORCH, SafetensorsFile
 from .store import CHUNK, Ingested
 
-ST_TO_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-               "BOOL": torch.bool}
 DTYPE_CHOICES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 FLOATS = ("F32", "F16", "BF16", "F64")
-
-
-@dataclass
-class Shard:
-    """One base safetensors file: its path in the store, raw header bytes and parsed header."""
-
-    rel: str
-    path: Path
-    header_bytes: bytes
-    header: dict[str, Any]
-
-    @property
-    def data_start(self) -> int:
-        return 8 + len(self.header_bytes)
-
-    def tensors(self) -> list[tuple[str, dict[str, Any]]]:
-        """Tensors in file order."""
-        items = [(k, v) for k, v in self.header.items() if k != "__metadata__"]
-        return sorted(items, key=lambda kv: kv[1]["data_offsets"][0])
 
 
 @dataclass
@@ -71,14 +49,6 @@ class MergeResult:
         return dataclasses.asdict(self)
 
 
-def _load_shard(rel: str, path: Path) -> Shard:
-    read_safetensors_header(path, rel)  # validated (length, JSON, offsets) before we trust it
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(length)
-    return Shard(rel, path, raw, json.loads(raw))
-
-
 def _check_pair(base: Artifact, adapter: Artifact, tags: list[str], force: bool) -> None:
     if adapter.kind != "adapter":
         raise BadInput(f"{adapter.name} is a {adapter.kind}, not an adapter; usage: registry merge BASE ADAPTER")
@@ -93,7 +63,7 @@ def _check_pair(base: Artifact, adapter: Artifact, tags: list[str], force: bool)
                        "the same model")
 
 
-def _check_fit(plan: AdapterPlan, shards: list[Shard]) -> None:
+def _check_fit(plan: AdapterPlan, shards: list[SafetensorsFile]) -> None:
     """Every targeted tensor exists in the base with the shape the adapter produces (never skipped by --force)."""
     where = {name: info for s in shards for name, info in s.tensors()}
     for target, mod in plan.modules.items():
@@ -114,19 +84,11 @@ def _check_fit(plan: AdapterPlan, shards: list[Shard]) -> None:
                            f"the base has {where[name]['shape']}")
 
 
-def _read_tensor(f: BinaryIO, shard: Shard, info: dict[str, Any]) -> torch.Tensor:
-    begin, end = info["data_offsets"]
-    f.seek(shard.data_start + begin)
-    raw = bytearray(f.read(end - begin))
-    return torch.frombuffer(raw, dtype=ST_TO_TORCH[info["dtype"]]).reshape(info["shape"]) if raw else \
-        torch.empty(info["shape"], dtype=ST_TO_TORCH[info["dtype"]])
-
-
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
-def _out_header(shard: Shard, out_dtype: str | None) -> tuple[bytes, dict[str, str]]:
+def _out_header(shard: SafetensorsFile, out_dtype: str | None) -> tuple[bytes, dict[str, str]]:
     """The output header: the input's own bytes when no dtype changes, else new offsets (8-byte aligned)."""
     dtypes = {n: (out_dtype if out_dtype and i["dtype"] in FLOATS else i["dtype"]) for n, i in shard.tensors()}
     if all(dtypes[n] == i["dtype"] for n, i in shard.tensors()):
@@ -146,7 +108,7 @@ def _out_header(shard: Shard, out_dtype: str | None) -> tuple[bytes, dict[str, s
     return raw + b" " * (-len(raw) % 8), dtypes
 
 
-def _write_shard(reg: Registry, shard: Shard, plan: AdapterPlan, out_dtype: str | None,
+def _write_shard(reg: Registry, shard: SafetensorsFile, plan: AdapterPlan, out_dtype: str | None,
                  reporter: Reporter, stats: dict[str, int]) -> Ingested:
     header, dtypes = _out_header(shard, out_dtype)
     with reg.store.writer() as w, open(shard.path, "rb", buffering=0) as f:
@@ -157,17 +119,17 @@ def _write_shard(reg: Registry, shard: Shard, plan: AdapterPlan, out_dtype: str 
             if not changed and dtypes[name] == info["dtype"]:
                 _copy_range(f, shard.data_start + begin, end - begin, w)  # byte for byte, never decoded
             else:
-                w.write(_tensor_bytes(_new_tensor(f, shard, name, info, plan, dtypes[name], stats)))
+                w.write(_tensor_bytes(_new_tensor(shard, name, plan, dtypes[name], stats)))
             reporter.advance(end - begin)
         return w.finish()
 
 
-def _new_tensor(f: BinaryIO, shard: Shard, name: str, info: dict[str, Any], plan: AdapterPlan, dtype: str,
+def _new_tensor(shard: SafetensorsFile, name: str, plan: AdapterPlan, dtype: str,
                 stats: dict[str, int]) -> torch.Tensor:
-    base = _read_tensor(f, shard, info).to(ST_TO_TORCH[dtype])
+    base = shard.read(name).to(ST_TO_TORCH[dtype])
     if name in plan.replacements:
         stats["replaced"] += 1
-        return plan.replacements[name].to(base.dtype)
+        return plan.replacements[name].load().to(base.dtype)
     if name not in plan.modules:
         return base
     merged = merge_weight(base, plan.modules[name], plan.fan_in_fan_out)
@@ -218,7 +180,7 @@ def merge(reg: Registry, base_ref: str, adapter_ref: str, name: str | None = Non
     shard_rels = sorted(p for p in base_files if p.endswith(".safetensors"))
     if not shard_rels:
         raise BadInput(f"{base_name} has no safetensors weights to merge into")
-    shards = [_load_shard(rel, reg.store.path(base_files[rel][0])) for rel in shard_rels]
+    shards = [SafetensorsFile(reg.store.path(base_files[rel][0]), rel) for rel in shard_rels]
     _check_fit(plan, shards)
     reporter.start(sum(base_files[r][1] for r in shard_rels), "B", f"merging {adapter_name}")
     stats = {"merged": 0, "replaced": 0}
