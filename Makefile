@@ -8,13 +8,13 @@ DEMO_HOME ?= demo-home
 
 OLAH_VENV ?= .olah-venv
 
-.PHONY: venv test demo bench-verify bench-pull bench-merge clean services test-deps
+.PHONY: venv test demo bench-verify bench-pull bench-merge bench-quantize clean services test-deps
 
 $(BIN)/registry: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,gptq]'
 	touch $(BIN)/registry
 
 venv: $(BIN)/registry
@@ -32,8 +32,9 @@ test-deps: $(OLAH_VENV)/bin/olah-cli
 	command -v git-lfs >/dev/null || (apt-get update -q && apt-get install -y -q git-lfs) || \
 	  (echo "install git-lfs for the LFS pull test" >&2; exit 1)
 
+# GPTQModel wants to know how many CPU workers it may use; a 2-core machine needs 2.
 test: venv test-deps services
-	$(BIN)/python -m pytest -q
+	GPTQMODEL_CPU_WORKERS=$${GPTQMODEL_CPU_WORKERS:-$$(nproc)} $(BIN)/python -m pytest -q
 
 demo: venv
 	rm -rf $(DEMO_HOME) demo-model demo-export
@@ -55,6 +56,9 @@ bench-pull: venv test-deps
 
 bench-merge: venv
 	$(BIN)/python bench/merge.py
+
+bench-quantize: venv
+	$(BIN)/python bench/quantize.py
 
 clean:
 	rm -rf $(VENV) $(OLAH_VENV) $(DEMO_HOME) demo-model demo-export bench/out

@@ -1,6 +1,7 @@
 """The `registry` command: a thin click layer that parses, calls one library function and renders."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -201,6 +202,68 @@ def merge(base, adapter, name, dtype, check, force, allow_pickle, detach, as_jso
                f"{r['tensors_replaced']} replaced, {render.human_size(r['bytes_added'])} added to the store)")
     if r["check"]:
         click.echo(f"check: largest logit difference against peft {r['check']['max_logit_diff']:.3g}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight: 2, 3, 4 or 8.")
+@click.option("--group-size", default=128, show_default=True, type=int, help="Columns per quantization group (-1: none).")
+@click.option("--desc-act/--no-desc-act", default=False, show_default=True, help="Quantize columns by activation order.")
+@click.option("--sym/--no-sym", default=True, show_default=True, help="Symmetric quantization.")
+@click.option("--calibration", type=click.Path(dir_okay=False), help=".txt (a sample per paragraph) or .jsonl "
+              "(text, or conversations); default: a built-in text.")
+@click.option("--samples", default=128, show_default=True, type=int, help="Calibration samples to use.")
+@click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per calibration sample at most.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and the engine.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--no-eval", is_flag=True, help="Skip the perplexity evaluation.")
+@click.option("--max-ppl-ratio", default=1.5, show_default=True, type=float,
+              help="Fail when quantized perplexity exceeds this multiple of the source's.")
+@click.option("--name", help="Artifact name (default: REF-gptq-intN).")
+@detach_option
+@json_option
+def quantize(ref, bits, group_size, desc_act, sym, calibration, samples, seq_len, seed, device, no_eval,
+             max_ppl_ratio, name, detach, as_json) -> None:
+    """Quantize a base or merged model to int4 (GPTQ, with GPTQModel) and evaluate it.
+
+    \b
+    registry quantize llama-7b-chat --bits 4 --group-size 128
+    registry quantize llama-7b-chat --calibration chats.jsonl --samples 256 --device cuda
+    """
+    with _reg().session() as s:
+        digest = catalog.resolve(s, ref).digest
+    options = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "samples": samples,
+               "calibration": calibration and str(Path(calibration).absolute()), "seq_len": seq_len,
+               "device": device, "seed": seed, "evaluate": not no_eval, "max_ppl_ratio": max_ppl_ratio}
+    params = {"source": digest, "name": name, "options": options}
+    job = _run("quantize", params, "quantize:" + json.dumps(params, sort_keys=True), detach, as_json)
+    if job is None:
+        return
+    r = job.result
+    if as_json:
+        render.emit_json({"job": job.id, **r})
+        return
+    click.echo(f"quantized {ref} into {r['name']} {r['digest']}: {render.human_size(r['size'])}")
+    if r["evaluation"]:
+        e = r["evaluation"]
+        click.echo(f"perplexity {e['perplexity_quantized']} vs {e['perplexity_source']} for the source "
+                   f"({e['perplexity_ratio']}x); weights {e['size_reduction'] * 100:.0f}% smaller")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--prompt", required=True, help="Text to continue (or, with --chat, to answer).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template (or <s>Human: ...</s><s>Assistant: ).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, 8192))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def generate(ref, prompt, chat, max_new_tokens, device) -> None:
+    """Generate text with a registered model, streaming tokens to stdout as they are produced."""
+    from .generate import generate as run_generate
+
+    for piece in run_generate(_reg(), ref, prompt, chat, max_new_tokens, device):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 @cli.command("list")

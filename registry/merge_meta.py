@@ -13,7 +13,8 @@ from .store import Ingested, materialize
 CHECK_PROMPT = "<s>Human: What is a model registry?\n</s><s>Assistant: "
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of a package, or None."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -39,7 +40,7 @@ def merge_metadata(base_meta: dict[str, Any], plan: AdapterPlan, base_digest: st
         "target_modules": cfg.get("target_modules"), "modules_to_save": cfg.get("modules_to_save"),
         "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
         "tensors_merged": len(plan.modules), "tensors_replaced": len(plan.replacements),
-        "versions": {p: _version(p) for p in ("registry", "torch", "safetensors", "peft")},
+        "versions": {p: package_version(p) for p in ("registry", "torch", "safetensors", "peft")},
     }
     return meta
 

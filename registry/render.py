@@ -60,6 +60,18 @@ def artifact_details(d: dict[str, Any]) -> None:
     for key in ("peft_config", "quantization_config"):
         if key in meta:
             click.echo(f"{key}: {json.dumps(meta[key], sort_keys=True)}")
+    q = meta.get("quantization")
+    if q:
+        c = q["calibration"]
+        click.echo(f"quantization:    GPTQ int{q['bits']} group {q['group_size']} on {q['device']}, calibration "
+                   f"{c['source']} ({c['samples']} samples, {c['digest'][:19]}), seed {q['seed']}")
+    e = meta.get("evaluation")
+    if e:
+        click.echo(f"evaluation:      perplexity {e['perplexity_quantized']} vs {e['perplexity_source']} for the "
+                   f"source ({e['perplexity_ratio']}x); weights {e['size_reduction'] * 100:.0f}% smaller")
+    m = meta.get("merge")
+    if m and m.get("check"):
+        click.echo(f"merge check:     largest logit difference against peft {m['check']['max_logit_diff']:.3g}")
     if meta.get("unsafe_files"):
         click.echo(f"UNSAFE (pickle): {', '.join(meta['unsafe_files'])}")
     click.echo("files:")

@@ -13,13 +13,13 @@ from registry.errors import DatabaseLocked, JobCancelled, LeaseLost, RegistryErr
 from registry.models import Job
 from registry.progress import NullReporter, Reporter
 
-from . import import_folder, merge, pull, verify
+from . import import_folder, merge, pull, quantize, verify
 from .context import HandlerResult, JobReporter
 
 log = logging.getLogger("registry.worker")
 Handler = Callable[[Registry, dict, JobReporter, int], HandlerResult]
 HANDLERS: dict[str, Handler] = {"import": import_folder.handle, "verify": verify.handle, "pull": pull.handle,
-                               "merge": merge.handle}
+                               "merge": merge.handle, "quantize": quantize.handle}
 FINISHED = ("succeeded", "failed", "cancelled")
 
 

@@ -1,0 +1,154 @@
+"""`registry quantize` (GPTQModel on the CPU) and `registry generate`, on a tiny Llama trained by the tests."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REGISTRY_BIN, cli_json, run_cli
+from test_merge import make_peft_adapter
+from tinymodel import synthetic_corpus, train_tiny_llama
+
+QUANT_ARGS = ["--group-size", "32", "--samples", "32", "--seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny Llama trained for 300 steps on a synthetic corpus, and that corpus as a calibration file."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = synthetic_corpus()
+    model = train_tiny_llama(root / "llama", corpus)
+    calibration = root / "corpus.txt"
+    calibration.write_text("\n\n".join(corpus[:120]) + "\n")
+    return model, calibration
+
+
+@pytest.fixture
+def with_source(home, trained):
+    model, calibration = trained
+    run_cli("import", str(model), "--name", "tiny")
+    return calibration
+
+
+def test_quantize_produces_a_gptq_checkpoint_that_loads_and_generates(with_source):
+    from safetensors import safe_open
+
+    calibration = with_source
+    out = cli_json("quantize", "tiny", "--calibration", str(calibration), *QUANT_ARGS)
+    assert out["name"] == "tiny-gptq-int4"
+    shown = cli_json("show", "tiny-gptq-int4")
+    assert shown["kind"] == "quantized"
+    assert [(p["name"], p["role"]) for p in shown["lineage"]["parents"]] == [("tiny", "base")]
+    folder = Path(run_cli("path", "tiny-gptq-int4").stdout.strip())
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                        "quantize_config.json", "tokenizer.json",
+                                                        "tokenizer_config.json"]
+    qcfg = json.loads((folder / "quantize_config.json").read_text())
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["desc_act"], qcfg["sym"]) == (4, 32, False, True)
+    assert "offload_to_disk_path" not in json.dumps(qcfg)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("model.layers.0.self_attn.q_proj.qweight")
+        scales = f.get_tensor("model.layers.0.self_attn.q_proj.scales")
+        names = set(f.keys())
+    assert str(q.dtype) == "torch.int32" and tuple(q.shape) == (64 * 4 // 32, 64)  # in*bits/32 rows, out columns
+    assert tuple(scales.shape) == (64 // 32, 64)
+    assert {"model.layers.0.mlp.down_proj.qzeros", "model.layers.0.mlp.down_proj.g_idx"} <= names
+    meta = shown["metadata"]
+    q_meta = meta["quantization"]
+    assert q_meta["calibration"]["digest"] == "sha256:" + hashlib.sha256(calibration.read_bytes()).hexdigest()
+    assert (q_meta["calibration"]["samples"], q_meta["seed"], q_meta["device"]) == (32, 0, "cpu")
+    assert q_meta["versions"]["gptqmodel"] == "7.6.0"
+    e = meta["evaluation"]
+    assert e["perplexity_source"] < 50  # the tiny model really learned the corpus
+    assert e["perplexity_quantized"] <= 1.2 * e["perplexity_source"]
+    assert e["size_reduction"] > 0.5
+    text = run_cli("show", "tiny-gptq-int4").stdout
+    assert "evaluation:      perplexity" in text and "GPTQ int4 group 32" in text
+    generated = run_cli("generate", "tiny-gptq-int4", "--prompt", "The registry", "--max-new-tokens", "12").stdout
+    assert len(generated.strip()) > 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+
+
+def test_same_inputs_give_the_same_digest(with_source):
+    first = cli_json("quantize", "tiny", "--calibration", str(with_source), *QUANT_ARGS, "--no-eval", "--name", "a")
+    second = cli_json("quantize", "tiny", "--calibration", str(with_source), *QUANT_ARGS, "--no-eval", "--name", "b")
+    assert first["digest"] == second["digest"] and first["evaluation"] is None
+
+
+def test_perplexity_gate_registers_nothing(with_source):
+    proc = run_cli("quantize", "tiny", "--calibration", str(with_source), *QUANT_ARGS, "--max-ppl-ratio", "0.5",
+                   check=1)
+    assert "above --max-ppl-ratio 0.5; nothing was registered" in proc.stderr
+    assert cli_json("list", "--kind", "quantized") == []
+
+
+def test_generate_streams_tokens_as_they_come(with_source):
+    proc = subprocess.Popen([REGISTRY_BIN, "generate", "tiny", "--prompt", "The store", "--max-new-tokens", "200"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    first = os.read(proc.stdout.fileno(), 1)
+    still_running = proc.poll() is None
+    rest = proc.stdout.read()
+    proc.wait()
+    assert first and still_running, "the first token should reach stdout while generation goes on"
+    assert len(rest) > 20
+
+
+def test_chat_prompt_and_calibration_formats(tmp_path):
+    from registry.calibration import load_calibration
+    from registry.generate import chat_prompt
+
+    class NoTemplate:
+        chat_template = None
+
+    assert chat_prompt(NoTemplate(), "hi") == "<s>Human: hi\n</s><s>Assistant: "
+    jsonl = tmp_path / "chats.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in [
+        {"conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hi."}]},
+        {"text": "plain text sample"}, {"conversations": [{"role": "user", "content": "Q"},
+                                                          {"role": "assistant", "content": "A"}]}]))
+    calib = load_calibration(jsonl, samples=2, seed=0, held_out_fraction=0.3)
+    everything = set(calib.samples) | set(calib.held_out)
+    assert "<s>Human: Hello?\n</s><s>Assistant: Hi.\n</s>" in everything and "plain text sample" in everything
+    assert not set(calib.samples) & set(calib.held_out)
+    builtin = load_calibration(None, samples=4, seed=0)
+    assert builtin.source == "builtin" and any("<s>Human:" in t for t in builtin.samples + builtin.held_out)
+
+
+def test_bad_inputs(with_source, tmp_path, trained):
+    def refused(*args, message):
+        proc = run_cli("quantize", *args, check=2)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+    calib = str(with_source)
+    refused("tiny", "--bits", "5", "--calibration", calib, *QUANT_ARGS, message="--bits 5 is not supported")
+    refused("tiny", "--group-size", "48", "--calibration", calib, "--samples", "4", message="--group-size 48 does not divide the")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    refused("tiny", "--calibration", str(empty), *QUANT_ARGS, message="has no samples")
+    refused("tiny", "--calibration", calib, "--group-size", "32", "--samples", "5000", message="fewer than --samples 5000")
+    refused("tiny", "--calibration", str(tmp_path / "missing.txt"), *QUANT_ARGS, message="cannot read calibration file")
+    refused("tiny", "--device", "cuda", "--calibration", calib, *QUANT_ARGS, message="no CUDA GPU")
+    adapter = make_peft_adapter(trained[0], tmp_path / "lora", r=4, lora_alpha=8, target_modules=["q_proj"])
+    run_cli("import", str(adapter), "--name", "lora")
+    refused("lora", *QUANT_ARGS, message="merge it into its base first")
+    odd = tmp_path / "odd"
+    shutil.copytree(trained[0], odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "model_type": "madeupformer"}))
+    run_cli("import", str(odd), "--name", "odd")
+    refused("odd", *QUANT_ARGS, message="architecture 'madeupformer' is not supported")
+    quant = tmp_path / "quant"
+    shutil.copytree(trained[0], quant)
+    (quant / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    run_cli("import", str(quant), "--name", "already")
+    refused("already", *QUANT_ARGS, message="already quantized")
+    assert [a["name"] for a in cli_json("list", "--kind", "quantized")] == ["already"]
