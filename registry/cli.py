@@ -54,6 +54,18 @@ def _run(job_type: str, params: dict, dedup_key: str, detach: bool, as_json: boo
     return job
 
 
+def _result(job, as_json: bool) -> dict | None:
+    """Print a finished job's warnings, and its JSON when asked; returns the result for text output."""
+    if job is None:
+        return None
+    for warning in job.result.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        render.emit_json({"job": job.id, **job.result})
+        return None
+    return job.result
+
+
 @cli.command()
 @click.option("--home", type=click.Path(file_okay=False), help="Create the registry here instead.")
 @json_option
@@ -102,15 +114,8 @@ def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detac
         params = {"folder": str(folder.absolute()), "name": name}
     params.update(kind=kind, base=base, link=link)
     key = "import:" + "|".join(f"{k}={params[k]}" for k in sorted(params))
-    job = _run("import", params, key, detach, as_json)
-    if job is None:
-        return
-    r = job.result
-    for warning in r["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
-    if as_json:
-        render.emit_json({"job": job.id, **r})
-    else:
+    r = _result(_run("import", params, key, detach, as_json), as_json)
+    if r is not None:
         verb = "registered" if r["created"] else "already registered"
         click.echo(f"{verb} {r['name']} ({r['kind']}) {r['digest']}: {r['files']} files, "
                    f"{render.human_size(r['size'])}, {render.human_size(r['bytes_added'])} added to the store")
@@ -152,15 +157,8 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, deta
               "exclude": sorted(exclude), "name": name, "kind": kind, "workers": workers}
     key = "pull:" + "|".join(str(params[k]) for k in ("endpoint", "repo_id", "commit", "include", "exclude",
                                                        "name", "kind"))
-    job = _run("pull", params, key, detach, as_json)
-    if job is None:
-        return
-    r = job.result
-    for warning in r["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
-    if as_json:
-        render.emit_json({"job": job.id, **r})
-    else:
+    r = _result(_run("pull", params, key, detach, as_json), as_json)
+    if r is not None:
         click.echo(f"pulled {r['repo_id']}@{r['commit'][:12]} as {r['name']} ({r['kind']}) {r['digest']}: "
                    f"{r['files']} files, {render.human_size(r['size'])}; downloaded {r['files_downloaded']} files "
                    f"({render.human_size(r['bytes_downloaded'])}), the rest was already in the store; "
@@ -191,12 +189,8 @@ def merge(base, adapter, name, dtype, check, force, allow_pickle, detach, as_jso
     params = {"base": base_digest, "adapter": adapter_digest, "name": name, "dtype": dtype, "check": check,
               "force": force, "allow_pickle": allow_pickle}
     key = "merge:" + "|".join(str(params[k]) for k in sorted(params))
-    job = _run("merge", params, key, detach, as_json)
-    if job is None:
-        return
-    r = job.result
-    if as_json:
-        render.emit_json({"job": job.id, **r})
+    r = _result(_run("merge", params, key, detach, as_json), as_json)
+    if r is None:
         return
     click.echo(f"merged {adapter} into {base}: {r['name']} {r['digest']} ({r['tensors_merged']} tensors merged, "
                f"{r['tensors_replaced']} replaced, {render.human_size(r['bytes_added'])} added to the store)")
@@ -236,12 +230,8 @@ def quantize(ref, bits, group_size, desc_act, sym, calibration, samples, seq_len
                "calibration": calibration and str(Path(calibration).absolute()), "seq_len": seq_len,
                "device": device, "seed": seed, "evaluate": not no_eval, "max_ppl_ratio": max_ppl_ratio}
     params = {"source": digest, "name": name, "options": options}
-    job = _run("quantize", params, "quantize:" + json.dumps(params, sort_keys=True), detach, as_json)
-    if job is None:
-        return
-    r = job.result
-    if as_json:
-        render.emit_json({"job": job.id, **r})
+    r = _result(_run("quantize", params, "quantize:" + json.dumps(params, sort_keys=True), detach, as_json), as_json)
+    if r is None:
         return
     click.echo(f"quantized {ref} into {r['name']} {r['digest']}: {render.human_size(r['size'])}")
     if r["evaluation"]:

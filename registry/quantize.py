@@ -187,8 +187,14 @@ def _evaluate(source_dir: Path, quant_dir: Path, calib: Calibration, opts: Quant
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    kwargs = {}
+    if os.environ.get("REGISTRY_GPTQ_BACKEND"):  # e.g. gptq_torch where the default kernel cannot build offline
+        from transformers import GPTQConfig
+
+        kwargs["quantization_config"] = GPTQConfig(bits=opts.bits, group_size=opts.group_size,
+                                                   backend=os.environ["REGISTRY_GPTQ_BACKEND"])
     try:
-        quant = AutoModelForCausalLM.from_pretrained(quant_dir, device_map=device)
+        quant = AutoModelForCausalLM.from_pretrained(quant_dir, device_map=device, **kwargs)
     except Exception as exc:  # any failure to load is the answer: the artifact is not usable
         raise OperationFailed(f"the quantized model does not load with transformers: {exc}") from None
     ppl_q = perplexity(quant, tokenizer, calib.held_out, opts.seq_len, device)

@@ -88,6 +88,18 @@ def reg(home) -> Registry:
     return r
 
 
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs to run out of space on (mounting needs root, as in CI; skipped where it is refused)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
 def run_cli(*args: str, env: dict | None = None, check: int | None = 0, **kw) -> subprocess.CompletedProcess:
     """Run the real `registry` console script; assert its exit code when `check` is not None."""
     full_env = {**os.environ, **(env or {})}

@@ -163,24 +163,12 @@ def test_rm_refuses_while_derived_then_force(home, tiny_model, tmp_path):
     assert cli_json("show", "lora")["lineage"]["parents"][0]["status"] == "deleted"
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 2 MiB tmpfs to run out of space on (needs root, as in CI)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
-
-
-def test_disk_full_leaves_no_partial_blob_or_artifact(tiny_fs, tiny_model, monkeypatch, tmp_path):
+def test_disk_full_leaves_no_partial_blob_or_artifact(small_fs, tiny_model, monkeypatch, tmp_path):
     import numpy as np
     from safetensors.numpy import save_file
 
     save_file({"big": np.ones(1024 * 1024, dtype=np.float32)}, str(tiny_model / "model.safetensors"))  # 4 MiB
-    home = tiny_fs / "home"
+    home = small_fs / "home"
     monkeypatch.setenv("REGISTRY_HOME", str(home))
     # The store fills up; the catalog lives on another disk, so the failure itself can be recorded.
     monkeypatch.setenv("REGISTRY_DATABASE_URL", f"sqlite:///{tmp_path / 'catalog.db'}")

@@ -253,17 +253,6 @@ def test_verify_upstream_reports_mismatch_and_moved_branch(hubp, home):
     assert report[0]["moved"] is True
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
-
-
 def test_disk_full_keeps_partial_registers_nothing(hubp, small_fs, monkeypatch, tmp_path):
     monkeypatch.setenv("REGISTRY_HOME", str(small_fs / "home"))
     monkeypatch.setenv("REGISTRY_DATABASE_URL", f"sqlite:///{tmp_path / 'catalog.db'}")
