@@ -1,10 +1,12 @@
 """Benchmark: `registry pull` (verified) against huggingface_hub.snapshot_download (unverified) and
-snapshot_download followed by `hf cache verify`, all from the same olah mirror over loopback, in one run.
+snapshot_download followed by `hf cache verify`, all from the same HF-compatible server over loopback, in one run.
 
-    python bench/pull.py [--shards 4] [--shard-mb 512] [--out bench/out]
+    python bench/pull.py [--server fast|olah] [--shards 4] [--shard-mb 512] [--out bench/out]
 
-The model is a git repository whose safetensors shards are LFS files (random data), served by olah in
-offline mode from its own venv (.olah-venv, made by `make test-deps`).
+--server fast (default): bench/hfserver.py, a minimal HF-compatible server that sends files with sendfile,
+so the clients, not the server, set the pace. --server olah: olah in offline mode (its own venv,
+.olah-venv, made by `make test-deps`) serving a git repository whose shards are LFS files; olah streams
+local mirrors at about 30 MB/s, which hides every client-side cost.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from hfserver import serve  # noqa: E402
 from hubproxy import Olah, git  # noqa: E402
 from verify import make_shards  # noqa: E402
 
@@ -67,14 +70,22 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--shard-mb", type=int, default=512)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--server", choices=["fast", "olah"], default="fast")
     args = parser.parse_args()
     work = args.out / "pull"
-    mirrors = work / "mirrors"
-    repo_id = make_lfs_repo(mirrors, args.shards, args.shard_mb)
-    olah = Olah(mirrors, work)
+    if args.server == "olah":
+        repo_id = make_lfs_repo(work / "mirrors", args.shards, args.shard_mb)
+        server = Olah(work / "mirrors", work)
+        url, stop = server.url, server.stop
+    else:
+        repo_id = "bench/big"
+        make_shards(work / "plain" / repo_id, args.shards, args.shard_mb << 20)
+        (work / "plain" / repo_id / "README.md").write_text("# bench/big\n")
+        httpd, url = serve(work / "plain")
+        stop = httpd.shutdown
     py = sys.executable
     bindir = Path(py).parent
-    env = {**os.environ, "HF_ENDPOINT": olah.url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env.pop("REGISTRY_DATABASE_URL", None)
     results = {}
     try:
@@ -95,10 +106,10 @@ def main() -> None:
         job = json.loads(subprocess.run([str(bindir / "registry"), "jobs", "--json"], env=reg_env,
                                         capture_output=True, text=True, check=True).stdout)[0]
     finally:
-        olah.stop()
+        stop()
     gb = pulled["size"] / 1e9
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"model: {args.shards} LFS shards x {args.shard_mb} MiB = {gb:.2f} GB, olah {olah.url} (loopback)")
+    print(f"model: {args.shards} LFS shards x {args.shard_mb} MiB = {gb:.2f} GB, {args.server} server {url} (loopback)")
     for name, (secs, io_read) in results.items():
         print(f"  {name:<38} {secs:7.2f} s  {gb / secs:5.2f} GB/s  disk reads {io_read / 1e6:8.1f} MB")
     base = results["snapshot_download (unverified)"][0]

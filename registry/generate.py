@@ -48,7 +48,7 @@ def generate(reg: Registry, ref: str, prompt: str, chat: bool = False, max_new_t
     model_dir, adapter_dir = _model_dirs(reg, ref)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir) if adapter_dir and _has_tokenizer(
         adapter_dir) else AutoTokenizer.from_pretrained(model_dir)
-    from .quantize import engine_output
+    from .progress import engine_output
 
     with engine_output():  # a GPTQ model loads through GPTQModel, which talks on stdout
         model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device)

@@ -48,6 +48,13 @@ def merge_metadata(base_meta: dict[str, Any], plan: AdapterPlan, base_digest: st
 def check_logits(reg: Registry, base_ref: str, adapter_ref: str, merged: dict[str, Ingested],
                  out_dtype: str | None) -> dict[str, Any]:
     """Run one prompt through base+adapter (peft) and through the merged files; the largest logit gap."""
+    from .progress import engine_output
+
+    with engine_output():  # peft imports GPTQModel when it is installed, which talks on stdout
+        return _check_logits(reg, base_ref, adapter_ref, merged)
+
+
+def _check_logits(reg: Registry, base_ref: str, adapter_ref: str, merged: dict[str, Ingested]) -> dict[str, Any]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,6 +1,8 @@
 """Progress reporting: a rich bar (bytes, rate, ETA) on a terminal, silence in a pipe."""
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
 from typing import Protocol
@@ -95,3 +97,29 @@ class RichReporter(NullReporter):
 def terminal_reporter() -> NullReporter:
     """A rich bar when stderr is a terminal, otherwise a silent reporter."""
     return RichReporter() if sys.stderr.isatty() else NullReporter()
+
+
+@contextlib.contextmanager
+def engine_output():
+    """Keep the engine's chatter off stdout (JSON goes there): stderr on a terminal, nowhere in a pipe."""
+    if sys.stderr.isatty():
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    # Native code (torch's C++ logging) writes to the file descriptors directly: silence those too.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    sink = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(sink, 1)
+        os.dup2(sink, 2)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, sink):
+            os.close(fd)

@@ -1,13 +1,11 @@
 """`registry quantize`: int4 (GPTQ) variants made with GPTQModel, cleaned for reproducibility and evaluated."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from .export import snapshot_path
 from .importer import ingest_files
 from .merge_meta import package_version
 from .models import Artifact
-from .progress import NullReporter, Reporter
+from .progress import NullReporter, Reporter, engine_output
 from .st import SafetensorsFile
 
 BITS = (2, 3, 4, 8)
@@ -59,32 +57,6 @@ class QuantizeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@contextlib.contextmanager
-def engine_output():
-    """Keep the engine's chatter off stdout (JSON goes there): stderr on a terminal, nowhere in a pipe."""
-    if sys.stderr.isatty():
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-        return
-    # Native code (torch's C++ logging) writes to the file descriptors directly: silence those too.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    sink = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(sink, 1)
-        os.dup2(sink, 2)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, sink):
-            os.close(fd)
 
 
 def require_gptqmodel():

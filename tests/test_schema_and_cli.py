@@ -61,8 +61,8 @@ def test_init_reports_home(tmp_path, home):
     assert str(tmp_path / "elsewhere") in out and (tmp_path / "elsewhere" / "blobs" / "sha256").is_dir()
 
 
-COMMANDS = ["init", "import", "list", "show", "verify", "manifest", "export", "path", "tag", "rm", "gc", "jobs",
-            "job", "cancel", "worker"]
+COMMANDS = ["init", "import", "pull", "merge", "quantize", "generate", "list", "show", "verify", "manifest",
+            "export", "path", "tag", "rm", "gc", "jobs", "job", "cancel", "worker"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -79,5 +79,5 @@ def test_every_command_has_help(command):
 def test_read_commands_offer_json():
     from registry.cli import cli
 
-    for name in ("list", "show", "verify", "jobs", "job", "gc", "import", "init"):
+    for name in ("list", "show", "verify", "jobs", "job", "gc", "import", "init", "pull", "merge", "quantize"):
         assert any(p.name == "as_json" for p in cli.commands[name].params), name
