@@ -13,6 +13,7 @@ import json
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -40,9 +41,26 @@ def describe(repo: Path) -> dict:
     return {"commit": commit, "files": files}
 
 
+class RateLimit:
+    """One token bucket shared by all connections: the server's total bandwidth, like a network link."""
+
+    def __init__(self, bytes_per_second: float):
+        self.rate, self.lock, self.next_free = bytes_per_second, threading.Lock(), time.monotonic()
+
+    def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_free)
+            self.next_free = start + n / self.rate
+        time.sleep(max(0.0, self.next_free - now))
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     repos: dict[str, dict] = {}
+    limit = RateLimit(0)
 
     def log_message(self, *args) -> None:
         pass
@@ -107,11 +125,17 @@ class Handler(BaseHTTPRequestHandler):
             return
         with open(f["path"], "rb") as fh:
             self.wfile.flush()
-            self.connection.sendfile(fh, offset=start)
+            offset, chunk = start, 1 << 20
+            while offset < f["size"]:
+                n = min(chunk, f["size"] - offset)
+                self.limit.take(n)
+                self.connection.sendfile(fh, offset=offset, count=n)
+                offset += n
 
 
-def serve(root: Path, port: int = 0) -> tuple[ThreadingHTTPServer, str]:
-    """Start the server in a thread; returns (server, base URL)."""
+def serve(root: Path, port: int = 0, rate_mb: float = 0) -> tuple[ThreadingHTTPServer, str]:
+    """Start the server in a thread (total bandwidth `rate_mb` MB/s, 0: unlimited); returns (server, URL)."""
+    Handler.limit = RateLimit(rate_mb * 1e6)
     Handler.repos = {f"{org.name}/{repo.name}": describe(repo)
                      for org in sorted(root.iterdir()) if org.is_dir()
                      for repo in sorted(org.iterdir()) if repo.is_dir()}
@@ -125,7 +149,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root", type=Path)
     parser.add_argument("--port", type=int, default=8095)
+    parser.add_argument("--rate", type=float, default=0, help="total MB/s (0: unlimited)")
     args = parser.parse_args()
-    server, url = serve(args.root, args.port)
+    server, url = serve(args.root, args.port, args.rate)
     print(url, flush=True)
     threading.Event().wait()

@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=512)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--server", choices=["fast", "olah"], default="fast")
+    parser.add_argument("--rate", type=float, default=0, help="fast server: total MB/s, like a network link")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before `hf cache verify` "
+                        "(needs root), as when a model is larger than the memory that caches it")
     args = parser.parse_args()
     work = args.out / "pull"
     if args.server == "olah":
@@ -81,7 +84,7 @@ def main() -> None:
         repo_id = "bench/big"
         make_shards(work / "plain" / repo_id, args.shards, args.shard_mb << 20)
         (work / "plain" / repo_id / "README.md").write_text("# bench/big\n")
-        httpd, url = serve(work / "plain")
+        httpd, url = serve(work / "plain", rate_mb=args.rate)
         stop = httpd.shutdown
     py = sys.executable
     bindir = Path(py).parent
@@ -98,6 +101,9 @@ def main() -> None:
         t_pull = timed([str(bindir / "registry"), "pull", repo_id, "--json"], reg_env)
         results["registry pull (verified)"] = t_pull
         t_dl = timed([py, "-c", snap % "hf-cache-verify"], env)
+        if args.cold:
+            subprocess.run(["sync"], check=True)
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
         t_verify = timed([str(bindir / "hf"), "cache", "verify", repo_id, "--cache-dir",
                           str(work / "hf-cache-verify")], env)
         results["snapshot_download + hf cache verify"] = (t_dl[0] + t_verify[0], t_dl[1] + t_verify[1])
@@ -109,7 +115,9 @@ def main() -> None:
         stop()
     gb = pulled["size"] / 1e9
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"model: {args.shards} LFS shards x {args.shard_mb} MiB = {gb:.2f} GB, {args.server} server {url} (loopback)")
+    link = f"limited to {args.rate:g} MB/s" if args.rate else "unlimited"
+    print(f"model: {args.shards} LFS shards x {args.shard_mb} MiB = {gb:.2f} GB, {args.server} server on loopback "
+          f"({link}); page cache {'dropped' if args.cold else 'warm'} before hf cache verify")
     for name, (secs, io_read) in results.items():
         print(f"  {name:<38} {secs:7.2f} s  {gb / secs:5.2f} GB/s  disk reads {io_read / 1e6:8.1f} MB")
     base = results["snapshot_download (unverified)"][0]
