@@ -8,13 +8,16 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
 from .errors import DatabaseLocked, DiskFull
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The newest migration; a test checks it against Alembic. Knowing it here lets every command check the schema
+# with one query instead of importing Alembic (about 0.1 s of start-up).
+SCHEMA_HEAD = "0002"
 _engines: dict[str, Engine] = {}
 _migrated: set[str] = set()
 _lock = threading.Lock()
@@ -95,9 +98,19 @@ def current_revision(engine: Engine) -> str | None:
     return rev
 
 
+def _at_head(engine: Engine) -> bool:
+    try:
+        with engine.connect() as conn:
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            conn.rollback()
+    except (OperationalError, ProgrammingError):  # no alembic_version table yet: an empty database
+        return False
+    return version == SCHEMA_HEAD
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Upgrade the database to `revision`; concurrent callers serialise on a lock."""
-    if revision == "head" and current_revision(engine) == head_revision():
+    if revision == "head" and _at_head(engine):
         return
     from alembic import command
 

@@ -41,6 +41,12 @@ def test_downgrade_to_base_and_up_again(db_url):
     engine.dispose()
 
 
+def test_schema_head_constant_matches_alembic():
+    from registry.db import SCHEMA_HEAD
+
+    assert SCHEMA_HEAD == head_revision()
+
+
 def test_first_use_migrates_automatically(home):
     assert not (home / "registry.db").exists()
     assert run_cli("list").stdout.startswith("no artifacts")
