@@ -1,7 +1,9 @@
 """The catalog: registering artifacts, resolving refs, listing, showing, tagging and removing."""
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from sqlalchemy import or_, select, update
@@ -15,6 +17,21 @@ from .store import Ingested, LocalStore
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@+]*$")
 DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{8,64})$")
+
+
+@dataclass
+class Registered:
+    """What an operation that registers an artifact returns: which one, and whether this call created it."""
+
+    artifact_id: int
+    name: str
+    digest: str
+    files: int
+    size: int
+    created: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def check_name(name: str, what: str = "name") -> str:

@@ -6,7 +6,6 @@ into the store through the hash-on-write writer, so peak memory is about one ten
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import struct
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .catalog import register_artifact, resolve, tags_of
+from .catalog import Registered, register_artifact, resolve, tags_of
 from .core import Registry
 from .errors import BadInput, Conflict, OperationFailed
 from .lora import AdapterPlan, load_adapter_tensors, merge_weight, merged_shape, plan_adapter
@@ -30,23 +29,14 @@ FLOATS = ("F32", "F16", "BF16", "F64")
 
 
 @dataclass
-class MergeResult:
+class MergeResult(Registered):
     """The merged artifact and what the merge did."""
 
-    artifact_id: int
-    name: str
-    digest: str
-    files: int
-    size: int
-    created: bool
-    tensors_merged: int
-    tensors_replaced: int
-    bytes_added: int
+    tensors_merged: int = 0
+    tensors_replaced: int = 0
+    bytes_added: int = 0
     check: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _check_pair(base: Artifact, adapter: Artifact, tags: list[str], force: bool) -> None:

@@ -1,7 +1,6 @@
 """`registry quantize`: int4 (GPTQ) variants made with GPTQModel, cleaned for reproducibility and evaluated."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .calibration import Calibration, load_calibration
-from .catalog import register_artifact, resolve
+from .catalog import Registered, register_artifact, resolve
 from .core import Registry
 from .errors import BadInput, OperationFailed
 from .export import snapshot_path
@@ -44,19 +43,10 @@ class QuantizeOptions:
 
 
 @dataclass
-class QuantizeResult:
+class QuantizeResult(Registered):
     """The quantized artifact and its evaluation."""
 
-    artifact_id: int
-    name: str
-    digest: str
-    files: int
-    size: int
-    created: bool
-    evaluation: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    evaluation: dict[str, Any] | None = None
 
 
 def require_gptqmodel():
