@@ -224,6 +224,12 @@ def _run_gptq(source_dir: Path, out_dir: Path, calib: Calibration, opts: Quantiz
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
 
+    from gptqmodel.looper import loop_processor
+
+    # GPTQModel writes a log file under ./logs of whatever folder the user runs in; keep it in our temp
+    # folder instead (removed with it). A private attribute: if it goes away, the log lands in ./logs again.
+    if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+        loop_processor._PROJECT_LOG_DIR = out_dir / ".engine-logs"
     random.seed(opts.seed)
     np.random.seed(opts.seed)
     torch.manual_seed(opts.seed)
