@@ -261,3 +261,14 @@ def test_disk_full_keeps_partial_registers_nothing(hubp, small_fs, monkeypatch, 
     assert cli_json("list") == []
     parts = list((small_fs / "home" / "tmp").glob("pull-*.part"))
     assert parts and parts[0].stat().st_size > 0  # kept for a later resume
+
+
+def test_include_exclude_name_and_kind(hubp):
+    out = cli_json("pull", "acme/tiny", "--include", "*.json", "--exclude", "tokenizer*", "--name", "tiny-configs",
+                   "--kind", "checkpoint")
+    assert (out["name"], out["kind"]) == ("tiny-configs", "checkpoint")
+    files = {f["path"] for f in cli_json("show", "tiny-configs")["file_list"]}
+    assert files == {"config.json", "generation_config.json"}
+    assert set(hubp.proxy.sent) == files  # nothing else was downloaded
+    proc = run_cli("pull", "acme/tiny", "--include", "*.gguf", check=2)
+    assert "no files matching --include/--exclude" in proc.stderr
