@@ -103,6 +103,7 @@ def _write_shard(reg: Registry, shard: SafetensorsFile, plan: AdapterPlan, out_d
     header, dtypes = _out_header(shard, out_dtype)
     with reg.store.writer() as w, open(shard.path, "rb", buffering=0) as f:
         w.write(struct.pack("<Q", len(header)) + header)
+        data_start = w.size
         for name, info in shard.tensors():
             begin, end = info["data_offsets"]
             changed = name in plan.modules or name in plan.replacements
@@ -111,6 +112,7 @@ def _write_shard(reg: Registry, shard: SafetensorsFile, plan: AdapterPlan, out_d
             else:
                 w.write(_tensor_bytes(_new_tensor(shard, name, plan, dtypes[name], stats)))
             reporter.advance(end - begin)
+        stats["tensor_bytes"] += w.size - data_start  # the index's total_size, if it needs rewriting
         return w.finish()
 
 
@@ -173,11 +175,11 @@ def merge(reg: Registry, base_ref: str, adapter_ref: str, name: str | None = Non
     shards = [SafetensorsFile(reg.store.path(base_files[rel][0]), rel) for rel in shard_rels]
     _check_fit(plan, shards)
     reporter.start(sum(base_files[r][1] for r in shard_rels), "B", f"merging {adapter_name}")
-    stats = {"merged": 0, "replaced": 0}
+    stats = {"merged": 0, "replaced": 0, "tensor_bytes": 0}
     out: dict[str, Ingested] = {rel: _write_shard(reg, sh, plan, out_dtype, reporter, stats)
                                 for rel, sh in zip(shard_rels, shards)}
     reporter.finish()
-    out.update(_carried_files(reg, base_files, out, out_dtype))
+    out.update(_carried_files(reg, base_files, out, out_dtype, stats["tensor_bytes"]))
     meta = merge_metadata(base_meta, plan, base_digest, adapter_digest, out_dtype)
     check_result = check_logits(reg, base_ref, adapter_ref, out, out_dtype) if check else None
     if check_result is not None:
@@ -192,7 +194,7 @@ def merge(reg: Registry, base_ref: str, adapter_ref: str, name: str | None = Non
 
 
 def _carried_files(reg: Registry, base_files: dict[str, tuple[str, int]], done: dict[str, Ingested],
-                   out_dtype: str | None) -> dict[str, Ingested]:
+                   out_dtype: str | None, tensor_bytes: int) -> dict[str, Ingested]:
     """config, tokenizer, generation files: the base's blobs (zero new bytes) unless the dtype changed."""
     from .store import StatStamp
 
@@ -204,18 +206,11 @@ def _carried_files(reg: Registry, base_files: dict[str, tuple[str, int]], done: 
         if out_dtype and rel == "config.json":
             carried[rel] = _rewritten_json(reg, path, lambda c: _set_config_dtype(c, out_dtype))
         elif out_dtype and rel == "model.safetensors.index.json":
-            total = sum(done[r].size for r in done if r.endswith(".safetensors"))
             carried[rel] = _rewritten_json(reg, path, lambda c: c.setdefault("metadata", {}).update(
-                total_size=total - sum(8 + _header_len(reg.store.path(done[r].sha256)) for r in done
-                                       if r.endswith(".safetensors"))))
+                total_size=tensor_bytes))
         else:
             carried[rel] = Ingested(sha, size, False, StatStamp.of(path))
     return carried
-
-
-def _header_len(path: Path) -> int:
-    with open(path, "rb") as f:
-        return struct.unpack("<Q", f.read(8))[0]
 
 
 def _set_config_dtype(config: dict[str, Any], out_dtype: str) -> None:

@@ -67,27 +67,24 @@ def run_job(reg: Registry, job_id: int, owner: str, lease_seconds: float = jobs.
     beat = Heartbeat(reg, job_id, owner, lease_seconds, reporter)
     beat.start()
     try:
-        outcome = handler_for(job_type)(reg, params, reporter, job_id)
+        try:
+            outcome = handler_for(job_type)(reg, params, reporter, job_id)
+        finally:
+            beat.stop()  # before recording the outcome, so no heartbeat races it
     except LeaseLost:
-        beat.stop()
         log.warning("job %s: lease lost to another worker; dropping this attempt", job_id)
         return _final(reg, job_id)
     except JobCancelled as exc:
-        beat.stop()
         _record(reg, lambda s: jobs.mark_cancelled(s, job_id, owner, str(exc)))
     except RegistryError as exc:  # a deliberate, one-line error: retrying cannot help
-        beat.stop()
         _record(reg, lambda s: jobs.fail(s, job_id, owner, str(exc), exc.exit_code, retry=False))
     except KeyboardInterrupt:
-        beat.stop()
         _record(reg, lambda s: jobs.mark_cancelled(s, job_id, owner, "interrupted"))
         raise
     except Exception as exc:  # unexpected: worth another attempt after a backoff
-        beat.stop()
         log.debug("job %s failed", job_id, exc_info=True)
         _record(reg, lambda s: jobs.fail(s, job_id, owner, f"{type(exc).__name__}: {exc}", 1, retry=True))
     else:
-        beat.stop()
         if outcome.error:
             _record(reg, lambda s: jobs.fail(s, job_id, owner, outcome.error, outcome.exit_code, retry=False,
                                              result=outcome.result))
