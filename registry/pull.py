@@ -106,8 +106,7 @@ class Downloader:
                               f"{expected}, got {actual}); nothing was registered")
 
     def _download(self, f: hub.RemoteFile, fh: BinaryIO, handle: object) -> tuple[str, str]:
-        # LFS files are checked by sha256 alone; the git blob id is needed only for the others.
-        sha256, sha1 = hashlib.sha256(), (_NoHash() if f.sha256 else hashlib.sha1(f"blob {f.size}\0".encode()))
+        sha256, sha1 = _hashers(f)
         offset = fh.seek(0, os.SEEK_END)
         if offset > f.size:
             fh.truncate(0)
@@ -127,6 +126,10 @@ class Downloader:
                 if offset >= f.size:
                     return sha256.hexdigest(), sha1.hexdigest()
                 raise httpx.RemoteProtocolError(f"server closed the connection at byte {offset} of {f.size}")
+            except _RangeIgnored:  # the server sent the whole file: start over with fresh digests
+                fh.truncate(0)
+                offset = 0
+                sha256, sha1 = _hashers(f)
             except httpx.TransportError as exc:
                 failures += 1
                 if failures > MAX_RECONNECTS:
@@ -141,13 +144,9 @@ class Downloader:
         with self.client.stream("GET", url, headers=headers) as resp:
             if resp.status_code >= 400:
                 raise hub.http_error(resp.status_code, f"{self.repo_id}@{self.commit[:12]}: {f.path}")
-            if offset and resp.status_code == 200:  # the server ignored Range: start over
-                fh.truncate(0)
-                offset = 0
-                sha256.__init__()
-                if not f.sha256:
-                    sha1.__init__(f"blob {f.size}\0".encode())
-            elif resp.status_code == 206 and not resp.headers.get("content-range", "").startswith(f"bytes {offset}-"):
+            if offset and resp.status_code == 200:
+                raise _RangeIgnored()
+            if resp.status_code == 206 and not resp.headers.get("content-range", "").startswith(f"bytes {offset}-"):
                 raise OperationFailed(f"{f.path}: the server resumed at the wrong offset; try again")
             for chunk in resp.iter_bytes():  # as it arrives: a sized iterator would lose its buffer on a drop
                 write_all(fh, chunk)
@@ -160,6 +159,16 @@ class Downloader:
                 if offset > f.size:
                     break
         return offset
+
+
+class _RangeIgnored(Exception):
+    """The server answered a Range request with the whole file."""
+
+
+def _hashers(f: hub.RemoteFile) -> tuple[Any, Any]:
+    """Fresh (sha256, git blob sha1) digests; LFS files are checked by sha256 alone, so their sha1 is a no-op."""
+    sha1 = _NoHash() if f.sha256 else hashlib.sha1(f"blob {f.size}\0".encode())
+    return hashlib.sha256(), sha1
 
 
 class _NoHash:

@@ -115,6 +115,7 @@ class HubProxy(ThreadingHTTPServer):
         self.requests: list[tuple[str, str, str | None, str | None]] = []  # (method, path, range, auth)
         self.faults: dict[str, str] = {}  # file name -> drop-half | wrong-bytes | wrong-bytes-once | slow
         self.tree_extra: list[dict] = []
+        self.ignore_range = False  # answer Range requests with the whole file, as olah does
         self.require_token: str | None = None
         self.forbid_token: str | None = None
         self.status_override: dict[str, tuple[int, dict]] = {}  # url substring -> (status, headers)
@@ -179,7 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = srv.faults.get(name)
         start = 0
         rng = self.headers.get("range")
-        if rng and rng.startswith("bytes="):
+        if rng and rng.startswith("bytes=") and not srv.ignore_range:
             start = int(rng[6:].split("-")[0])
         if fault in ("wrong-bytes", "wrong-bytes-once"):
             body = bytes([body[0] ^ 0xFF]) + body[1:]

@@ -139,6 +139,18 @@ def test_dropped_connection_resumes_with_range(hubp):
     run_cli("verify", "acme/big")
 
 
+def test_server_that_ignores_range_restarts_the_file_cleanly(hubp):
+    hubp.proxy.faults["model.safetensors"] = "drop-half"
+    hubp.proxy.ignore_range = True
+    out = cli_json("pull", "acme/big")
+    size = len(_random_safetensors(1, 3))
+    ranges = [r[2] for r in hubp.proxy.requests if r[1].endswith("/model.safetensors") and r[0] == "GET"]
+    assert ranges == [None, f"bytes={size // 2}-", None]  # asked to resume, got the whole file, started over
+    small = len(b'{"model_type": "llama"}') + len("# acme/big\n")
+    assert out["bytes_downloaded"] == size // 2 + size + small  # the unwanted full body was not read
+    run_cli("verify", "acme/big")
+
+
 def test_killed_pull_resumes_from_partial_file(hubp, home):
     hubp.proxy.faults["model.safetensors"] = "slow"
     size = len(_random_safetensors(1, 3))
