@@ -4,6 +4,8 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY registry registry
 COPY workers workers
 COPY migrations migrations
-RUN pip install --no-cache-dir .
+# EXTRAS=ml for workers that merge and generate, gptq to quantize; empty for a catalog or pull-only image.
+ARG EXTRAS=gptq
+RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"
 ENTRYPOINT []
 CMD ["registry", "worker"]
