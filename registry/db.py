@@ -2,22 +2,26 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import re
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
-from .errors import DatabaseLocked, DiskFull
+from .errors import BadInput, DatabaseLocked, DatabaseUnavailable, DiskFull
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# Installed as registry.migrations (the repository's top-level migrations/ folder in a checkout).
+MIGRATIONS_DIR = Path(importlib.util.find_spec("registry.migrations").origin).parent
 # The newest migration; a test checks it against Alembic. Knowing it here lets every command check the schema
 # with one query instead of importing Alembic (about 0.1 s of start-up).
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0004"
 _engines: dict[str, Engine] = {}
 _migrated: set[str] = set()
 _lock = threading.Lock()
@@ -29,12 +33,24 @@ def is_sqlite(url_or_engine) -> bool:
     return url.startswith("sqlite")
 
 
+# Execution option that marks a read-only session: on SQLite its transaction begins DEFERRED (no write lock).
+READ_ONLY = "registry_read_only"
+
+
 def _make_engine(settings: Settings) -> Engine:
     url = settings.database_url
     if not is_sqlite(url):
-        return create_engine(url, pool_pre_ping=True)
+        connect_args = {}
+        if "connect_timeout" not in make_url(url).query:
+            # Without it an unreachable host hangs a command (and a heartbeat) for the TCP timeout, minutes.
+            connect_args["connect_timeout"] = 10
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseUnavailable(f"cannot create the folder of {describe_database(settings)}: "
+                                      f"{exc.strerror}; check REGISTRY_HOME (or --home) is writable") from None
     engine = create_engine(url, connect_args={"timeout": settings.busy_timeout_ms / 1000})
 
     @event.listens_for(engine, "connect")
@@ -52,22 +68,30 @@ def _make_engine(settings: Settings) -> Engine:
     def _on_begin(conn):
         # IMMEDIATE takes the write lock up front: a deferred transaction that later writes can fail
         # with SQLITE_BUSY at once instead of waiting, which would break job claims under contention.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only sessions begin DEFERRED: in WAL mode they never block a writer (a heartbeat), however long.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
 
 
 def get_engine(settings: Settings) -> Engine:
     """The process-wide engine for these settings, migrated to head."""
-    with _lock:
+    with _lock, translate_db_errors(settings):
         engine = _engines.get(settings.database_url)
         if engine is None:
             engine = _engines[settings.database_url] = _make_engine(settings)
         if settings.database_url not in _migrated:
-            with translate_locked(settings):
-                migrate(engine)
+            migrate(engine)
             _migrated.add(settings.database_url)
     return engine
+
+
+def db_now(session: Session) -> datetime:
+    """Naive UTC now by the database's clock: the one clock every host sharing the catalog agrees on."""
+    if session.get_bind().dialect.name == "sqlite":
+        return datetime.fromisoformat(session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar())
+    # clock_timestamp, not now(): now() is frozen at the start of the transaction.
+    return session.execute(text("SELECT clock_timestamp() AT TIME ZONE 'utc'")).scalar()
 
 
 def alembic_config(connection: Connection | None = None):
@@ -130,25 +154,91 @@ def dispose_all() -> None:
         _migrated.clear()
 
 
+def describe_database(settings: Settings) -> str:
+    """'the catalog database /x/registry.db' (or its URL, password hidden), for messages."""
+    url = settings.database_url
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return f"the catalog database {_hide_password(url)}"
+    if parsed.get_backend_name() == "sqlite":
+        return f"the catalog database {parsed.database or ':memory:'}"
+    return f"the catalog database {parsed.render_as_string(hide_password=True)}"
+
+
+def _hide_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def _db_error(settings: Settings, exc: Exception) -> Exception | None:
+    """The one-line registry error for a database failure, or None when it is not one we can explain."""
+    if isinstance(exc, ArgumentError):  # includes NoSuchModuleError (unknown dialect or driver)
+        return BadInput(f"REGISTRY_DATABASE_URL (or --database-url) {_hide_password(settings.database_url)!r} is "
+                        "not a database URL we can use; give e.g. postgresql+psycopg://user@host/registry or "
+                        "sqlite:////path/to/registry.db")
+    if not isinstance(exc, DBAPIError):
+        return None
+    raw = str(exc.orig).strip()
+    msg = raw.lower()
+    what = describe_database(settings)
+    if "disk is full" in msg:
+        return DiskFull(f"disk full while writing {what}; free space and try again")
+    if "database is locked" in msg or "busy" in msg:
+        return DatabaseLocked(
+            f"database is locked by another process (waited {settings.busy_timeout_ms / 1000:g}s); "
+            "retry when it finishes, or raise REGISTRY_BUSY_TIMEOUT")
+    if "unable to open database file" in msg or "readonly database" in msg or "read-only" in msg:
+        return DatabaseUnavailable(f"cannot open {what} for writing: its folder is missing, read-only or not "
+                                   "writable by this user; check REGISTRY_HOME (or --home), its permissions and mount")
+    if "disk i/o error" in msg:
+        return DatabaseUnavailable(f"disk I/O error on {what}; check the disk under it (dmesg, free space, "
+                                   "a network mount that went away), then retry")
+    if "file is not a database" in msg or "malformed" in msg:
+        return DatabaseUnavailable(f"{what} is damaged or not a SQLite database ({raw}); restore it from a backup "
+                                   "(do not delete it while the store holds blobs)")
+    if not is_sqlite(settings.database_url) and isinstance(exc, OperationalError):
+        # psycopg: 'connection failed: connection to server at "h", port 1 failed: Connection refused\n\tIs ...'
+        reason = (raw.splitlines()[0].split(" failed: ")[-1].strip() if raw else "") or type(exc.orig).__name__
+        return DatabaseUnavailable(f"cannot use {what}: {reason}; check that the server is up and reachable, "
+                                   "and REGISTRY_DATABASE_URL (or --database-url)")
+    return None
+
+
 @contextlib.contextmanager
-def translate_locked(settings: Settings) -> Iterator[None]:
-    """Turn SQLite's 'database is locked' and 'disk is full' into one-line registry errors."""
+def translate_db_errors(settings: Settings) -> Iterator[None]:
+    """Turn database failures (locked, full, read-only, I/O error, damaged file, server down) into one line each."""
     try:
         yield
-    except OperationalError as exc:
-        if "disk is full" in str(exc.orig).lower():
-            raise DiskFull("disk full while writing the catalog database; free space and try again") from None
-        if "locked" in str(exc.orig).lower() or "busy" in str(exc.orig).lower():
-            raise DatabaseLocked(
-                f"database is locked by another process (waited {settings.busy_timeout_ms / 1000:g}s); "
-                "retry when it finishes, or raise REGISTRY_BUSY_TIMEOUT") from None
-        raise
+    except (ArgumentError, DBAPIError) as exc:
+        translated = _db_error(settings, exc)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+translate_locked = translate_db_errors  # the older name
 
 
 @contextlib.contextmanager
-def session_scope(settings: Settings) -> Iterator[Session]:
-    """One short transaction: commit on success, roll back on error."""
-    factory = sessionmaker(get_engine(settings), expire_on_commit=False)
-    with translate_locked(settings):
+def session_scope(settings: Settings, write: bool = True) -> Iterator[Session]:
+    """One short transaction: commit on success, roll back on error.
+
+    `write=False` gives a read-only session: on SQLite it takes no write lock, so a long read (gc's walk, a
+    listing) never stalls heartbeats or claims; it refuses to flush changes.
+    """
+    engine = get_engine(settings)
+    if write:
+        factory = sessionmaker(engine, expire_on_commit=False)
+    else:
+        factory = sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False,
+                               info={READ_ONLY: True})
+    with translate_db_errors(settings):
         with factory() as session, session.begin():
             yield session
+
+
+@event.listens_for(Session, "before_flush")
+def _refuse_writes_in_read_sessions(session, _flush_context, _instances):
+    # A DEFERRED SQLite transaction that starts writing can fail with 'database is locked' without waiting.
+    if session.info.get(READ_ONLY) and (session.new or session.dirty or session.deleted):
+        raise RuntimeError("a read-only session (Registry.read_session) cannot write; use Registry.session")

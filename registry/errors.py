@@ -46,6 +46,17 @@ class DatabaseLocked(OperationFailed):
     """Another process held the database lock for longer than the busy timeout."""
 
 
+class DatabaseUnavailable(OperationFailed):
+    """The catalog database cannot be used: read-only, I/O error, damaged file, server unreachable."""
+
+
+class WorkerStopped(BaseException):
+    """A worker was told to stop now (a second signal, or its grace period ran out): re-queue the job.
+
+    A BaseException, like KeyboardInterrupt, so a handler's `except Exception` cannot swallow it.
+    """
+
+
 class DiskFull(OperationFailed):
     """The store's file system ran out of space (ENOSPC)."""
 

@@ -1,14 +1,15 @@
 """`registry generate`: load any registered model and stream generated text token by token."""
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Iterator
 
 from sqlalchemy import select
 
-from .catalog import resolve
+from .catalog import require_usable, resolve
 from .core import Registry
-from .errors import BadInput
+from .errors import BadInput, OperationFailed
 from .export import snapshot_path
 from .models import Artifact, Edge
 
@@ -24,17 +25,18 @@ def chat_prompt(tokenizer, prompt: str) -> str:
 def _model_dirs(reg: Registry, ref: str) -> tuple[str, str | None]:
     """(model folder, adapter folder or None): an adapter runs on top of its registered base."""
     with reg.session() as s:
-        artifact = resolve(s, ref)
-        digest, base = artifact.digest, None
+        artifact = require_usable(resolve(s, ref))
+        artifact_id, base = artifact.id, None
         if artifact.kind == "adapter":
-            base = s.scalars(select(Artifact.digest).join(Edge, Edge.parent_id == Artifact.id).where(
-                Edge.child_id == artifact.id, Edge.role == "base", Artifact.status != "deleted")).first()
+            base = s.scalars(select(Artifact.id).join(Edge, Edge.parent_id == Artifact.id).where(
+                Edge.child_id == artifact.id, Edge.role == "base", Artifact.status != "deleted")
+                .order_by(Artifact.id)).first()
             if base is None:
                 raise BadInput(f"{artifact.name} is an adapter with no registered base; import its base and "
                                "link it with registry import --base")
     if base is None:
-        return str(snapshot_path(reg, digest)), None
-    return str(snapshot_path(reg, base)), str(snapshot_path(reg, digest))
+        return str(snapshot_path(reg, artifact_id)), None
+    return str(snapshot_path(reg, base)), str(snapshot_path(reg, artifact_id))
 
 
 def generate(reg: Registry, ref: str, prompt: str, chat: bool = False, max_new_tokens: int = 128,
@@ -58,13 +60,35 @@ def generate(reg: Registry, ref: str, prompt: str, chat: bool = False, max_new_t
         model = PeftModel.from_pretrained(model, adapter_dir)
     text = chat_prompt(tokenizer, prompt) if chat else prompt
     inputs = tokenizer(text, return_tensors="pt").to(device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    worker = threading.Thread(target=model.generate, daemon=True,
-                              kwargs=dict(**inputs, streamer=streamer, max_new_tokens=max_new_tokens,
-                                          do_sample=False, pad_token_id=tokenizer.eos_token_id))
+    # The timeout is a safety net: the loop below looks at the thread at least once a second.
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=1.0)
+    failure: list[BaseException] = []
+
+    def _generate() -> None:
+        try:
+            model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.eos_token_id)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            failure.append(exc)
+            streamer.end()  # without it the caller would wait for tokens that never come
+
+    worker = threading.Thread(target=_generate, daemon=True, name="generate")
     worker.start()
-    yield from streamer
+    while True:
+        try:
+            piece = next(streamer)
+        except StopIteration:
+            break
+        except queue.Empty:
+            if worker.is_alive():
+                continue
+            break  # the thread is gone without ending the stream
+        yield piece
     worker.join()
+    if failure:
+        exc = failure[0]
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise OperationFailed(f"generation failed: {type(exc).__name__}: {first_line}") from None
 
 
 def _has_tokenizer(folder: str) -> bool:

@@ -1,21 +1,28 @@
 """The job queue on the catalog database: enqueue with dedup, claim with a lease, heartbeat, finish."""
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import os
 import socket
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .db import db_now
 from .errors import BadInput, JobCancelled, LeaseLost, NotFound
-from .models import JOB_STATES, UNFINISHED_STATES, Job, utcnow
+from .models import JOB_STATES, UNFINISHED_STATES, Job
 
 DEFAULT_LEASE_SECONDS = 60
 MAX_BACKOFF_SECONDS = 300
+
+
+# (job id, lease owner) of the job this thread runs for a worker; registration checks it (the fencing check).
+current_lease: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar("current_lease", default=None)
 
 
 def worker_id() -> str:
@@ -25,13 +32,19 @@ def worker_id() -> str:
 
 def enqueue(session: Session, type: str, params: dict[str, Any], dedup_key: str | None = None,
             max_attempts: int = 3) -> tuple[Job, bool]:
-    """Queue a job; returns (job, created). An unfinished job with the same dedup key is returned instead."""
+    """Queue a job; returns (job, created). An unfinished job with the same dedup key is returned instead.
+
+    The key is stored as `type:sha256(key)`, so any request (hundreds of include globs, a long path) fits the
+    column; the readable request is in `params`.
+    """
     if dedup_key is not None:
+        dedup_key = stored_dedup_key(type, dedup_key)
         existing = _unfinished(session, dedup_key)
         if existing is not None:
             return existing, False
+    now = db_now(session)
     job = Job(type=type, params=params, dedup_key=dedup_key, max_attempts=max_attempts, state="queued",
-              run_after=utcnow())
+              run_after=now, created_at=now)
     try:
         with session.begin_nested():
             session.add(job)
@@ -43,6 +56,11 @@ def enqueue(session: Session, type: str, params: dict[str, Any], dedup_key: str 
     return job, True
 
 
+def stored_dedup_key(type: str, dedup_key: str) -> str:
+    """The fixed-size form of a dedup key kept in the jobs table."""
+    return f"{type}:{hashlib.sha256(dedup_key.encode()).hexdigest()}"
+
+
 def _unfinished(session: Session, dedup_key: str) -> Job | None:
     return session.scalars(select(Job).where(Job.dedup_key == dedup_key, Job.state.in_(UNFINISHED_STATES))).first()
 
@@ -50,7 +68,7 @@ def _unfinished(session: Session, dedup_key: str) -> Job | None:
 def claim(session: Session, owner: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
           types: list[str] | None = None, job_id: int | None = None) -> Job | None:
     """Take the oldest runnable job (queued, or running with an expired lease) and lease it to `owner`."""
-    now = utcnow()
+    now = db_now(session)
     query = (select(Job)
              .where(or_((Job.state == "queued") & (Job.run_after <= now),
                         (Job.state == "running") & (Job.lease_expires_at < now)))
@@ -68,7 +86,7 @@ def claim(session: Session, owner: str, lease_seconds: float = DEFAULT_LEASE_SEC
         if job is None:
             return None
         if job.state == "running" and job.attempts >= job.max_attempts:
-            _finish(job, "failed", error=f"worker {job.lease_owner} stopped responding; no attempts left",
+            _finish(job, "failed", now, error=f"worker {job.lease_owner} stopped responding; no attempts left",
                     exit_code=1)
             session.flush()
             continue
@@ -100,22 +118,53 @@ def expire_lease(session: Session, job_id: int) -> None:
     """Let the job be claimed at once (its owner is known to be dead)."""
     job = get(session, job_id)
     if job.state == "running":
-        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+        job.lease_expires_at = db_now(session) - timedelta(seconds=1)
 
 
 def _owned(session: Session, job_id: int, owner: str) -> Job:
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.state != "running" or job.lease_owner != owner:
         raise LeaseLost(f"job {job_id} is no longer leased to {owner}")
     return job
+
+
+def check_fence(session: Session, job_id: int) -> None:
+    """Raise LeaseLost unless the worker running this job still holds an unexpired lease on it.
+
+    Called inside the transaction that registers a job's result: on SQLite that transaction holds the write
+    lock (BEGIN IMMEDIATE), on PostgreSQL the job row is locked here, so no other worker can take the job over
+    between this check and the commit. A stale worker (paused, partitioned, its lease taken over) can then
+    never register a result. Outside a worker's job (a library call) there is nothing to check.
+    """
+    lease = current_lease.get()
+    if lease is None or lease[0] != job_id:
+        return
+    owner = lease[1]
+    query = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    job = session.scalars(query).first()
+    if job is None or job.state != "running" or job.lease_owner != owner:
+        raise LeaseLost(f"job {job_id} was taken over by another worker; this attempt registers nothing")
+    if job.lease_expires_at is None or job.lease_expires_at <= db_now(session):
+        raise LeaseLost(f"the lease on job {job_id} expired before its result could be registered; "
+                        "this attempt registers nothing")
 
 
 def heartbeat(session: Session, job_id: int, owner: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
               done: int | None = None, total: int | None = None, unit: str | None = None,
               message: str | None = None) -> None:
     """Extend the lease and record progress; raises JobCancelled when a cancel was requested."""
+    if renew(session, job_id, owner, lease_seconds, done, total, unit, message):
+        raise JobCancelled(f"job {job_id} was cancelled")
+
+
+def renew(session: Session, job_id: int, owner: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+          done: int | None = None, total: int | None = None, unit: str | None = None,
+          message: str | None = None) -> bool:
+    """Extend the lease (by the database's clock) and record progress; returns whether a cancel was requested."""
     job = _owned(session, job_id, owner)
-    now = utcnow()
+    now = db_now(session)
     job.heartbeat_at, job.lease_expires_at = now, now + timedelta(seconds=lease_seconds)
     if done is not None:
         job.progress_done = done
@@ -125,8 +174,7 @@ def heartbeat(session: Session, job_id: int, owner: str, lease_seconds: float = 
         job.progress_unit = unit
     if message is not None:
         job.message = message
-    if job.cancel_requested:
-        raise JobCancelled(f"job {job_id} was cancelled")
+    return bool(job.cancel_requested)
 
 
 def complete(session: Session, job_id: int, owner: str, result: dict[str, Any] | None = None,
@@ -136,7 +184,7 @@ def complete(session: Session, job_id: int, owner: str, result: dict[str, Any] |
     job.result, job.result_artifact_id = result, result_artifact_id
     if job.progress_total is not None:
         job.progress_done = job.progress_total
-    _finish(job, "succeeded", message=message, exit_code=0)
+    _finish(job, "succeeded", db_now(session), message=message, exit_code=0)
     return job
 
 
@@ -145,18 +193,28 @@ def fail(session: Session, job_id: int, owner: str, error: str, exit_code: int =
     """Record a failed attempt: requeue with exponential backoff while attempts remain, else fail."""
     job = _owned(session, job_id, owner)
     job.error, job.result = error, result
+    now = db_now(session)
     if retry and job.attempts < job.max_attempts:
         job.state, job.lease_owner, job.lease_expires_at = "queued", None, None
-        job.run_after = utcnow() + timedelta(seconds=min(MAX_BACKOFF_SECONDS, 2 ** job.attempts))
+        job.run_after = now + timedelta(seconds=min(MAX_BACKOFF_SECONDS, 2 ** job.attempts))
     else:
-        _finish(job, "failed", error=error, exit_code=exit_code)
+        _finish(job, "failed", now, error=error, exit_code=exit_code)
+    return job
+
+
+def release(session: Session, job_id: int, owner: str, message: str) -> Job:
+    """Give a leased job back to the queue at once, uncounted: its worker is stopping, the job did not fail."""
+    job = _owned(session, job_id, owner)
+    job.state, job.lease_owner, job.lease_expires_at = "queued", None, None
+    job.attempts = max(0, job.attempts - 1)
+    job.run_after, job.message = db_now(session), message
     return job
 
 
 def mark_cancelled(session: Session, job_id: int, owner: str, message: str) -> Job:
     """The handler stopped after a cancel request."""
     job = _owned(session, job_id, owner)
-    _finish(job, "cancelled", message=message, exit_code=1)
+    _finish(job, "cancelled", db_now(session), message=message, exit_code=1)
     return job
 
 
@@ -164,15 +222,15 @@ def cancel(session: Session, job_id: int) -> Job:
     """Cancel a queued job at once; ask a running one to stop at its next heartbeat."""
     job = get(session, job_id)
     if job.state == "queued":
-        _finish(job, "cancelled", message="cancelled before it ran", exit_code=1)
+        _finish(job, "cancelled", db_now(session), message="cancelled before it ran", exit_code=1)
     elif job.state == "running":
         job.cancel_requested = True
     return job
 
 
-def _finish(job: Job, state: str, message: str | None = None, error: str | None = None,
+def _finish(job: Job, state: str, now: datetime, message: str | None = None, error: str | None = None,
             exit_code: int | None = None) -> None:
-    job.state, job.finished_at, job.exit_code = state, utcnow(), exit_code
+    job.state, job.finished_at, job.exit_code = state, now, exit_code
     job.lease_owner, job.lease_expires_at = None, None
     if message is not None:
         job.message = message

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,22 +22,35 @@ class HandlerResult:
 
 
 class JobReporter(NullReporter):
-    """Counts progress for the heartbeat thread, forwards it to a terminal reporter, and stops on cancel."""
+    """Counts progress for the heartbeat thread, forwards it to a terminal reporter, and stops on cancel.
+
+    Every progress call (and `check`, which long steps without progress call, e.g. GPTQ's forward hooks)
+    raises once the job must stop: cancelled, its worker stopping, or its lease no longer safely held.
+    """
 
     def __init__(self, job_id: int, inner: Reporter | None = None):
         super().__init__()
         self.job_id = job_id
         self.inner = inner or NullReporter()
-        self.stop_reason: Exception | None = None
+        self.stop_reason: BaseException | None = None
         self.stopped = threading.Event()
+        # Monotonic time until which our lease is surely held; the heartbeat moves it on each renewal.
+        self.lease_safe_until = float("inf")
+
+    def check(self) -> None:
+        """Raise the reason to stop, if there is one; cheap enough to call thousands of times a second."""
+        if self.stopped.is_set():
+            raise self.stop_reason or JobCancelled(f"job {self.job_id} was cancelled")
+        if time.monotonic() > self.lease_safe_until:  # the heartbeat is stuck (e.g. on an unreachable database)
+            self.stop(LeaseLost(f"could not renew the lease on job {self.job_id} in time; stopping this attempt"))
+            raise self.stop_reason
 
     def start(self, total: int | None, unit: str = "B", description: str = "") -> None:
         super().start(total, unit, description)
         self.inner.start(total, unit, description)
 
     def advance(self, amount: int) -> None:
-        if self.stopped.is_set():
-            raise self.stop_reason or JobCancelled(f"job {self.job_id} was cancelled")
+        self.check()
         super().advance(amount)
         self.inner.advance(amount)
 
@@ -52,7 +66,8 @@ class JobReporter(NullReporter):
     def file_finished(self, handle: object) -> None:
         self.inner.file_finished(handle)
 
-    def stop(self, reason: JobCancelled | LeaseLost) -> None:
-        """Make the handler's next progress call raise `reason`."""
-        self.stop_reason = reason
-        self.stopped.set()
+    def stop(self, reason: BaseException) -> None:
+        """Make the handler's next progress call raise `reason` (JobCancelled, LeaseLost or WorkerStopped)."""
+        if not self.stopped.is_set():
+            self.stop_reason = reason
+            self.stopped.set()
