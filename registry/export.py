@@ -1,4 +1,9 @@
-"""Materialising artifacts as folders that `from_pretrained` loads: exports and read-only snapshots."""
+"""Materialising artifacts as folders that `from_pretrained` loads: exports and read-only snapshots.
+
+Each file is a reflink (a copy-on-write clone: an independent file that costs no space, on btrfs or xfs)
+where the file system can, else a hardlink to the store's blob (shares its inode: read-only, and its mode
+and times are the store's), else a copy. `--copy` never hardlinks. New folders and copies follow the umask.
+"""
 from __future__ import annotations
 
 import os
@@ -6,32 +11,41 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .catalog import resolve
+from .catalog import load, require_usable
 from .core import Registry
 from .errors import BadInput, OperationFailed
-from .store import materialize
+from .folder import check_relative_path
+from .store import current_umask
 
 
-def _files_of(reg: Registry, ref: str) -> tuple[str, list[tuple[str, str, int]]]:
+def _files_of(reg: Registry, ref: str | int) -> tuple[str, list[tuple[str, str, int]]]:
+    """(digest, files) of a usable artifact, named by ref or by id (never re-resolved from a digest)."""
     with reg.session() as s:
-        artifact = resolve(s, ref)
+        artifact = require_usable(load(s, ref))
         files = [(f.path, f.sha256, f.size) for f in artifact.files]
     for path, sha, size in files:
-        blob = reg.store.path(sha)
-        if not blob.is_file() or blob.stat().st_size != size:
+        try:
+            check_relative_path(path)  # the catalog may come from elsewhere: never write outside the folder
+        except BadInput:
+            raise OperationFailed(f"{artifact.name}: the catalog lists an unsafe file name {path!r}; nothing was "
+                                  "written (check the catalog with registry fsck)") from None
+        if reg.store.size(sha) != size:
             raise OperationFailed(f"{artifact.name}: blob for {path} is missing or damaged; "
                                   f"run registry verify {artifact.name}")
     return artifact.digest, files
 
 
-def _build_tree(reg: Registry, files: list[tuple[str, str, int]], target: Path, copy: bool) -> None:
+def _build_tree(reg: Registry, files: list[tuple[str, str, int]], target: Path, how: str) -> None:
+    root = target.resolve()
     for path, sha, _ in files:
         dest = target / path
         dest.parent.mkdir(parents=True, exist_ok=True)
-        materialize(reg.store.path(sha), dest, copy)
+        if not dest.parent.resolve().is_relative_to(root):  # a folder we made cannot hold a symlink; still check
+            raise OperationFailed(f"refusing to write {path!r} outside {target}")
+        reg.store.materialize(sha, dest, how)
 
 
-def export_artifact(reg: Registry, ref: str, dest: str | os.PathLike, copy: bool = False) -> Path:
+def export_artifact(reg: Registry, ref: str | int, dest: str | os.PathLike, copy: bool = False) -> Path:
     """Write the artifact's files to a new folder (hardlinks when possible); nothing is left on failure."""
     dest = Path(dest).absolute()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -40,48 +54,44 @@ def export_artifact(reg: Registry, ref: str, dest: str | os.PathLike, copy: bool
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
-        _build_tree(reg, files, partial, copy)
+        _build_tree(reg, files, partial, "copy" if copy else "auto")
+        os.chmod(partial, 0o777 & ~current_umask())  # mkdtemp made it private; the export follows the umask
         if dest.exists():
             dest.rmdir()
         partial.rename(dest)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    os.chmod(dest, 0o755)
     return dest
 
 
-def snapshot_path(reg: Registry, ref: str) -> Path:
+def snapshot_path(reg: Registry, ref: str | int) -> Path:
     """A stable read-only folder for the artifact under `<home>/snapshots/<digest>`; made once."""
     digest, files = _files_of(reg, ref)
     final = reg.settings.snapshots_dir / digest.split(":", 1)[1]
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=final.parent, prefix=".partial-"))
-    try:
-        _build_tree(reg, files, partial, copy=False)
+    # Built in a scratch folder that gc knows is in use, then renamed into place in one step.
+    with reg.store.scratch_dir("snapshot") as scratch:
+        partial = scratch / "tree"
+        partial.mkdir()
+        _build_tree(reg, files, partial, "link")
         _make_read_only(partial)
         try:
             partial.rename(final)
         except OSError:
             if not final.is_dir():  # lost a race to an identical snapshot: keep theirs
                 raise
-    finally:
-        if partial.exists():
-            remove_tree(partial)
     return final
 
 
 def _make_read_only(root: Path) -> None:
+    dir_mode = 0o555 & ~current_umask()
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            os.chmod(Path(dirpath) / name, 0o444)
-        os.chmod(dirpath, 0o555)
-
-
-def remove_tree(root: Path) -> None:
-    """Delete a folder tree even where read-only folders would stop shutil.rmtree."""
-    for dirpath, _, _ in os.walk(root):
-        os.chmod(dirpath, 0o755)
-    shutil.rmtree(root)
+            path = Path(dirpath) / name
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o222:  # a copy; a hardlink is the store's read-only blob, whose mode stays as it is
+                os.chmod(path, mode & ~0o222)
+        os.chmod(dirpath, dir_mode)

@@ -10,9 +10,11 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from .catalog import check_name, find_by_name_or_repo, register_artifact, resolve
+from .config import load_worker_config
 from .core import Registry
 from .errors import BadInput, NotFound
 from .folder import FolderScan, scan_folder
+from .gclock import register_retrying, release_pins
 from .progress import NullReporter, Reporter
 from .store import Ingested
 
@@ -42,7 +44,11 @@ def ingest_files(reg: Registry, files: dict[str, Path], link: bool, reporter: Re
     with ThreadPoolExecutor(workers) as pool:
         futures = {rel: pool.submit(reg.store.ingest_file, path, link, reporter.advance)
                    for rel, path in files.items()}
-        result = {rel: fut.result() for rel, fut in futures.items()}
+    failure = next((fut.exception() for fut in futures.values() if fut.exception()), None)
+    if failure is not None:  # unpin what did get in, so gc may free it without waiting for the pins to expire
+        release_pins(reg.store, (fut.result().sha256 for fut in futures.values() if not fut.exception()))
+        raise failure
+    result = {rel: fut.result() for rel, fut in futures.items()}
     reporter.finish()
     return result
 
@@ -53,7 +59,9 @@ def import_folder(reg: Registry, folder: str | os.PathLike, name: str, kind: str
                   contain_within: Path | None = None) -> ImportResult:
     """Register a local Hugging Face style folder as an artifact, storing each distinct file once."""
     check_name(name)
-    scan = scan_folder(Path(folder), kind, contain_within)
+    # Resolved once and used from here on, so a symlink swapped after the check cannot lead outside the roots.
+    folder = load_worker_config(reg.home).check_path(folder, "import folder")
+    scan = scan_folder(folder, kind, contain_within)
     if base is not None:
         with reg.session() as s:
             resolve(s, base)  # fail on an unknown base before reading any bytes
@@ -62,10 +70,21 @@ def import_folder(reg: Registry, folder: str | os.PathLike, name: str, kind: str
     warnings = [f"{rel} is a pickle file: loading it can run arbitrary code; prefer safetensors"
                 for rel in scan.unsafe_files]
     added = sum(i.size for i in ingested.values() if i.added)
+
+    def register() -> ImportResult:
+        try:
+            return _register(reg, scan, name, base, ingested, source, job_id, added, warnings)
+        except IntegrityError:  # another process registered the same name meanwhile: same content is fine
+            return _register(reg, scan, name, base, ingested, source, job_id, added, warnings)
+
+    def reingest(vanished: set[str]) -> None:  # a concurrent gc removed them before they were pinned
+        again = {rel: scan.files[rel] for rel, i in ingested.items() if i.sha256 in vanished}
+        ingested.update(ingest_files(reg, again, link, NullReporter()))
+
     try:
-        return _register(reg, scan, name, base, ingested, source, job_id, added, warnings)
-    except IntegrityError:  # another process registered the same name meanwhile: same content is fine
-        return _register(reg, scan, name, base, ingested, source, job_id, added, warnings)
+        return register_retrying(register, reingest)
+    finally:
+        release_pins(reg.store, (i.sha256 for i in ingested.values()))
 
 
 def _register(reg: Registry, scan: FolderScan, name: str, base: str | None, ingested: dict[str, Ingested],
@@ -108,6 +127,9 @@ def import_hf_cache(reg: Registry, repo_id: str, name: str | None = None, revisi
                     base: str | None = None, link: bool = False, reporter: Reporter | None = None,
                     job_id: int | None = None) -> ImportResult:
     """Register a snapshot from a Hugging Face cache; its symlinks may point into the cache's blobs."""
+    from huggingface_hub import constants
+
+    load_worker_config(reg.home).check_path(cache_dir or constants.HF_HUB_CACHE, "Hugging Face cache folder")
     snapshot, commit, repo_dir = hf_cache_snapshot(repo_id, revision, cache_dir)
     return import_folder(reg, snapshot, name or repo_id, kind, base, link, reporter, job_id,
                          source={"repo": repo_id, "revision": commit, "path": str(snapshot)},

@@ -50,7 +50,9 @@ class Artifact(Base):
     source_path: Mapped[Optional[str]] = mapped_column(Text)
     source_endpoint: Mapped[Optional[str]] = mapped_column(String(255))
     source_ref: Mapped[Optional[str]] = mapped_column(String(255))  # the revision asked for, e.g. main
-    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)  # read from the files: model_type, dtype, ...
+    # How it was made (merge or quantization facts, evaluation, job, host, time); never part of the digest.
+    provenance: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     files: Mapped[list["File"]] = relationship(back_populates="artifact", order_by="File.path",
@@ -68,6 +70,16 @@ class Blob(Base):
     stat_inode: Mapped[Optional[int]]
     # The git blob id (sha1 of "blob <len>\0" + content): lets a pull skip non-LFS files the store has.
     git_sha1: Mapped[Optional[str]] = mapped_column(String(40), index=True)
+
+
+class BlobPin(Base):
+    """A running ingest's claim on a blob it published or reused: gc keeps pinned blobs until the
+    registration that references them commits (and drops the pins) or the pin expires (a crashed job)."""
+    __tablename__ = "blob_pins"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True, index=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class File(Base):

@@ -3,13 +3,11 @@ in the same pass that writes it, resuming partial files, and skipping content th
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
@@ -18,12 +16,13 @@ from sqlalchemy import select
 from . import hub
 from .catalog import register_artifact, tag_artifact
 from .core import Registry
-from .errors import NotFound, OperationFailed
+from .errors import DiskFull, NotFound, OperationFailed
 from .folder import detect_kind, read_metadata
+from .gclock import register_retrying, release_pins
 from .manifest import build_manifest, manifest_digest
 from .models import Artifact, Blob, Tag
 from .progress import NullReporter, Reporter
-from .store import CHUNK, Ingested, StatStamp, write_all
+from .store import CHUNK, Ingested, write_all
 
 MAX_RECONNECTS = 8
 
@@ -75,24 +74,25 @@ class Downloader:
         if sha is None:
             with self.reg.session() as s:
                 sha = s.scalars(select(Blob.sha256).where(Blob.git_sha1 == f.git_sha1)).first()
-        if sha is None or not self.reg.store.exists(sha):
-            return None
-        return Ingested(sha, f.size, False, StatStamp.of(self.reg.store.path(sha)), f.git_sha1)
+        found = self.reg.store.reuse(sha, f.size) if sha is not None else None  # pinned: gc leaves it alone
+        return dataclasses.replace(found, git_sha1=f.git_sha1) if found is not None else None
 
     def fetch(self, f: hub.RemoteFile) -> Ingested:
         """Download one file (resuming a partial one), verify it, and publish it into the store."""
-        part = self.reg.store.tmp / f"pull-{f.key}.part"
-        with _locked_partial(part) as fh:  # a second process pulling the same content waits here
+        with self.reg.store.partial(f.key) as part:  # a second process pulling the same content waits here
+            fh = part.file
             found = self.existing(f)
             if found is not None:
                 return found
             handle = self.reporter.file_started(f.path, f.size)
             try:
                 sha256 = self._download_verified(f, fh, handle)
+                published = part.publish(sha256, f.size)
+            except DiskFull:  # say what filled the disk (our partials) and that a rerun resumes them
+                raise self.reg.store.disk_full_while_downloading(f.path) from None
             finally:
                 self.reporter.file_finished(handle)
-            os.fsync(fh.fileno())
-            return dataclasses.replace(self.reg.store.publish(part, sha256, f.size), git_sha1=f.git_sha1)
+            return dataclasses.replace(published, git_sha1=f.git_sha1)
 
     def _download_verified(self, f: hub.RemoteFile, fh: BinaryIO, handle: object) -> str:
         for attempt in (1, 2):  # content that does not match is fetched once more from scratch
@@ -118,6 +118,12 @@ class Downloader:
                 sha1.update(chunk)
             self.bytes_reread += offset
             self.reporter.advance(offset)
+        if offset == f.size:  # a complete partial (killed before it was published): no request is needed,
+            if (sha256.hexdigest() == f.sha256) if f.sha256 else (sha1.hexdigest() == f.git_sha1):
+                return sha256.hexdigest(), sha1.hexdigest()  # and a Range request for 0 bytes gets a 416
+            fh.truncate(0)  # full size but not the hub's content: download it again from the start
+            offset = 0
+            sha256, sha1 = _hashers(f)
         url = hub.file_url(self.endpoint, self.repo_id, self.commit, f.path)
         failures = 0
         while True:
@@ -181,29 +187,6 @@ class _NoHash:
         return ""
 
 
-class _locked_partial:
-    """Open a partial download file and hold an exclusive lock on it (re-opening if it was renamed)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> BinaryIO:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fh = open(self.path, "ab+", buffering=0)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                if os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino:
-                    self.fh = fh
-                    return fh
-            except FileNotFoundError:
-                pass
-            fh.close()  # another process published it meanwhile; look again
-
-    def __exit__(self, *exc) -> None:
-        self.fh.close()
-
-
 def pull(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str, token: str | None,
          include: list[str] | None = None, exclude: list[str] | None = None, name: str | None = None,
          kind: str | None = None, workers: int = 8, reporter: Reporter | None = None,
@@ -212,6 +195,7 @@ def pull(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str,
     reporter = reporter or NullReporter()
     files = hub.list_files(endpoint, repo_id, commit, token, include, exclude)
     downloader = Downloader(reg, endpoint, repo_id, commit, token, reporter)
+    ingested: dict[str, Ingested] = {}
     try:
         present = {f.path: downloader.existing(f) for f in files}
         needed = [f for f in files if present[f.path] is None]
@@ -219,11 +203,18 @@ def pull(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str,
         with ThreadPoolExecutor(max(1, min(workers, len(needed) or 1))) as pool:
             fetched = dict(zip((f.path for f in needed), pool.map(downloader.fetch, needed)))
         reporter.finish()
+        ingested.update({f.path: present[f.path] or fetched[f.path] for f in files})
+
+        def refetch(vanished: set[str]) -> None:  # gc removed them before they were pinned: fetch again
+            for f in files:
+                if ingested[f.path].sha256 in vanished:
+                    ingested[f.path] = downloader.fetch(f)
+
+        return register_retrying(lambda: _register(reg, repo_id, revision, commit, endpoint, ingested, name, kind,
+                                                   job_id, len(needed), downloader), refetch)
     finally:
         downloader.close()
-    ingested = {f.path: present[f.path] or fetched[f.path] for f in files}
-    return _register(reg, repo_id, revision, commit, endpoint, ingested, name, kind, job_id,
-                     len(needed), downloader)
+        release_pins(reg.store, (i.sha256 for i in ingested.values()))
 
 
 def _register(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str,
@@ -231,7 +222,7 @@ def _register(reg: Registry, repo_id: str, revision: str, commit: str, endpoint:
               downloaded: int, downloader: Downloader) -> PullResult:
     meta = read_metadata({rel: reg.store.path(i.sha256) for rel, i in ingested.items()})
     kind = kind or detect_kind(dict.fromkeys(ingested), meta)
-    digest = manifest_digest(build_manifest(kind, ((p, i.size, i.sha256) for p, i in ingested.items()), meta))
+    digest = manifest_digest(build_manifest(kind, ((p, i.size, i.sha256) for p, i in ingested.items())))
     tag = f"{repo_id}:{revision}"
     with reg.session() as s:
         chosen = name or _default_name(s, repo_id, commit, digest)

@@ -1,0 +1,222 @@
+"""How gc and ingest agree on which blobs may be removed: the gc lock and blob pins.
+
+The gc lock is exclusive for gc and shared for everyone who pins or registers blobs:
+- PostgreSQL: advisory lock GC_LOCK_KEY; gc holds it at session level on its own connection (it must
+  outlive gc's commit), others take it at transaction level (released by their commit).
+- SQLite: `flock` on `<database>.gclock`; gc holds LOCK_EX, others LOCK_SH until their transaction ends.
+Everybody takes it inside a transaction that has already begun. On SQLite that transaction holds the
+database's write lock (BEGIN IMMEDIATE), so the order is always "write lock, then gc lock" and two
+processes can never wait on each other in opposite order.
+
+gc, holding the lock exclusively: reads references and live pins, deletes unreferenced unpinned blob
+rows, COMMITS, deletes those files, then releases the lock. An ingest pins a digest (a committed row in
+blob_pins, under the shared lock) before it checks whether the blob file exists; registration, under the
+shared lock, checks every file is present with the right size, inserts its rows and drops its pins in
+one transaction. So an artifact never references a missing blob, and a blob gc removed before it was
+pinned is simply written again. Pins expire (PIN_TTL), so a crashed job's pins do not live forever.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+from sqlalchemy import delete, event, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from .config import Settings
+from .db import db_now, get_engine, session_scope, translate_db_errors
+from .errors import OperationFailed, RegistryError
+from .models import BlobPin
+
+GC_LOCK_KEY = 7412894  # PostgreSQL advisory lock id (migrations use 7412893)
+PIN_TTL = timedelta(hours=24)
+REGISTER_ATTEMPTS = 3
+T = TypeVar("T")
+
+
+class BlobVanished(OperationFailed):
+    """Registration found blobs missing from the store (removed by gc before they were pinned)."""
+
+    def __init__(self, shas: set[str]):
+        self.shas = shas
+        first = sorted(shas)[0][:12]
+        super().__init__(f"blob {first} ({len(shas)} in all) vanished from the store during registration "
+                         "(a concurrent registry gc removed it); run the command again")
+
+
+def _is_sqlite(session_or_conn) -> bool:
+    return session_or_conn.get_bind().dialect.name == "sqlite" if isinstance(session_or_conn, Session) \
+        else session_or_conn.dialect.name == "sqlite"
+
+
+def _lock_file(bind) -> Path | None:
+    database = bind.engine.url.database  # an Engine or a Connection
+    if not database or database == ":memory:":
+        return None  # one process: nothing to exclude
+    return Path(database).absolute().with_name(Path(database).name + ".gclock")
+
+
+def hold_shared(session: Session) -> None:
+    """Take the gc lock shared until this session's transaction ends (waits while gc is removing)."""
+    if session.info.get("gc_lock_shared"):
+        return
+    if not _is_sqlite(session):
+        session.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": GC_LOCK_KEY})
+        session.info["gc_lock_shared"] = True
+        return
+    session.execute(text("SELECT 1"))  # begin (BEGIN IMMEDIATE: the write lock) before the gc lock
+    path = _lock_file(session.get_bind())
+    if path is None:
+        return
+    fh = open(path, "a+b")
+    fcntl.flock(fh, fcntl.LOCK_SH)
+    session.info["gc_lock_shared"] = fh
+    root = session.get_transaction()
+
+    def release(sess, transaction) -> None:
+        if transaction is root:
+            held = sess.info.pop("gc_lock_shared", None)
+            if held not in (None, True):
+                held.close()
+
+    event.listen(session, "after_transaction_end", release)
+
+
+class GcSection:
+    """The exclusive side: `with GcSection(settings) as s:` gives a session holding the gc lock exclusively.
+
+    Commit the session when the rows are gone; delete files after that, still inside the `with`; the lock
+    is released on exit.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def __enter__(self) -> Session:
+        self._translate = translate_db_errors(self.settings)
+        self._translate.__enter__()
+        self.conn = get_engine(self.settings).connect()
+        self.session = Session(bind=self.conn, expire_on_commit=False)
+        self._fh = None
+        try:
+            if _is_sqlite(self.conn):
+                self.session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE first: the write lock, then ours
+                path = _lock_file(self.conn)
+                if path is not None:
+                    self._fh = open(path, "a+b")
+                    fcntl.flock(self._fh, fcntl.LOCK_EX)
+            else:
+                # Session level: it survives our commit, until the files are gone too.
+                self.session.execute(text("SELECT pg_advisory_lock(:k)"), {"k": GC_LOCK_KEY})
+        except BaseException:
+            self._close()
+            raise
+        return self.session
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.session.rollback()  # a no-op after commit()
+            if not _is_sqlite(self.conn):
+                self.conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": GC_LOCK_KEY})
+                self.conn.commit()
+        finally:
+            self._close()
+            self._translate.__exit__(*exc)
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self.session.close()
+        self.conn.close()
+
+
+class BlobPins:
+    """Pins taken by this process (one owner id per Registry), in short committed transactions."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.owner = f"{socket.gethostname()[:200]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+    def pin(self, shas: Iterable[str]) -> None:
+        """Pin blobs for PIN_TTL from now (by the database's clock); renews pins we already hold."""
+        shas = sorted(set(shas))
+        if not shas:
+            return
+        with session_scope(self.settings) as s:
+            hold_shared(s)
+            expires = db_now(s) + PIN_TTL
+            dialect = sqlite if _is_sqlite(s) else postgresql
+            stmt = dialect.insert(BlobPin).values([dict(sha256=sha, owner=self.owner, expires_at=expires)
+                                                   for sha in shas])
+            s.execute(stmt.on_conflict_do_update(index_elements=["sha256", "owner"],
+                                                 set_={"expires_at": expires}))
+
+    def release_in(self, session: Session, shas: Iterable[str]) -> None:
+        """Drop our pins on these blobs as part of `session`'s transaction (the one that references them)."""
+        shas = sorted(set(shas))
+        for i in range(0, len(shas), 500):
+            session.execute(delete(BlobPin).where(BlobPin.owner == self.owner, BlobPin.sha256.in_(shas[i:i + 500])))
+
+    def release(self, shas: Iterable[str]) -> None:
+        """Drop our pins on these blobs now (after a registration that changed nothing, or failed)."""
+        with session_scope(self.settings) as s:
+            self.release_in(s, shas)
+
+
+def release_all_pins(store) -> None:
+    """Best effort: drop every pin this process holds, when a job ends (one job at a time per process), so
+    blobs that a merge, quantize or repair wrote but did not register are not kept until their pins expire."""
+    pins = getattr(store, "pins", None)
+    if pins is None:
+        return
+    try:
+        with session_scope(pins.settings) as s:
+            s.execute(delete(BlobPin).where(BlobPin.owner == pins.owner))
+    except (RegistryError, SQLAlchemyError):  # the job's own outcome matters more than a leftover pin
+        pass
+
+
+def release_pins(store, shas: Iterable[str]) -> None:
+    """Best effort: drop this process's pins on these blobs when an operation ends, however it ended (a
+    registration that changed nothing, or failed). A pin left behind only delays gc until it expires."""
+    shas = list(shas)
+    if getattr(store, "pins", None) is None or not shas:
+        return
+    try:
+        store.pins.release(shas)
+    except (RegistryError, SQLAlchemyError):  # e.g. the catalog's disk is full: keep the original error
+        pass
+
+
+def check_blobs_for_registration(session: Session, store, ingested: Iterable) -> None:
+    """Inside the registering transaction: take the gc lock shared, make sure every blob is in the store
+    with its size (else BlobVanished), and drop our pins on them (they become references at commit)."""
+    ingested = list(ingested)
+    hold_shared(session)
+    missing = {i.sha256 for i in ingested if store.size(i.sha256) != i.size}
+    if missing:
+        raise BlobVanished(missing)
+    if getattr(store, "pins", None) is not None:
+        store.pins.release_in(session, (i.sha256 for i in ingested))
+
+
+def register_retrying(register: Callable[[], T], reingest: Callable[[set[str]], None]) -> T:
+    """Run `register`; when blobs vanished under it, `reingest` them and try again (REGISTER_ATTEMPTS in all).
+
+    With pins this should not happen; it covers a pin that expired, or a blob that another process of the
+    same owner unpinned."""
+    for attempt in range(1, REGISTER_ATTEMPTS + 1):
+        try:
+            return register()
+        except BlobVanished as exc:
+            if attempt == REGISTER_ATTEMPTS:
+                raise
+            reingest(exc.shas)
+    raise AssertionError("unreachable")
