@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .config import TrustedEndpoint, WorkerConfig, normalize_endpoint
 from .errors import BadInput, NotFound, OperationFailed
 from .folder import check_relative_path
 
@@ -50,7 +51,7 @@ def endpoint_url(endpoint: str | None = None) -> str:
 
 
 def read_token(token_file: str | None = None) -> str | None:
-    """The token from --token-file, else HF_TOKEN, else the huggingface_hub login store."""
+    """The token from a token file, else HF_TOKEN, else the huggingface_hub login store."""
     if token_file:
         try:
             token = Path(token_file).read_text().strip()
@@ -59,9 +60,104 @@ def read_token(token_file: str | None = None) -> str | None:
         if not token:
             raise BadInput(f"token file {token_file} is empty")
         return token
+    return ambient_token()
+
+
+def ambient_token() -> str | None:
+    """HF_TOKEN, else the huggingface_hub login store: for the public hub and this process's HF_ENDPOINT."""
     from huggingface_hub import get_token
 
     return os.environ.get("HF_TOKEN") or get_token()
+
+
+# Endpoints the user of this process named on the command line, with the token they gave (None: the
+# ambient HF_TOKEN / login store). Filled by the CLI before it runs a job in-process; never stored anywhere,
+# so a job that another process picks up (`registry worker`, `--detach`) only gets that worker's configuration.
+_session_trust: dict[str, str | None] = {}
+
+
+class UntrustedEndpoint(BadInput):
+    """A job names an endpoint this worker's configuration does not trust."""
+
+
+def trust_for_session(endpoint: str, token: str | None) -> None:
+    """Trust `endpoint` for jobs run in this process, with `token` (None: HF_TOKEN or the login store)."""
+    _session_trust[normalize_endpoint(endpoint)] = token
+
+
+def token_for(config: WorkerConfig, endpoint: str, refuse_untrusted: bool = True) -> str | None:
+    """The token this process may send to `endpoint`, by the worker's rules, never by a job's parameters.
+
+    In order: the token the user of this process gave for it on the command line (trust_for_session); its
+    `[[endpoints]]` entry in the configuration (token_file or token_env, else no token); HF_TOKEN or the
+    login store for the public hub, this process's own HF_ENDPOINT, and an endpoint named on the command
+    line without a token. Any other endpoint is refused (UntrustedEndpoint, exit 2) or, with
+    refuse_untrusted=False, gets no token. No token goes over plain http to a host other than loopback
+    unless its entry says allow_http_token = true.
+    """
+    key = normalize_endpoint(endpoint)
+    entry = config.endpoint(endpoint)
+    allow_http = bool(entry and entry.allow_http_token)
+    if _session_trust.get(key):
+        explicit = token = _session_trust[key]
+    elif entry is not None:
+        explicit = token = _configured_token(entry, config)
+    elif key in _session_trust or key in _ambient_endpoints():
+        explicit, token = None, ambient_token()
+    elif refuse_untrusted:
+        raise UntrustedEndpoint(
+            f"endpoint {endpoint} is not trusted by this worker; to allow it, add [[endpoints]] "
+            f"url = \"{endpoint}\" (with token_file = \"...\" if it needs a token) to {config.path}")
+    else:
+        return None
+    if token and not allow_http and not _safe_for_token(endpoint):
+        if explicit:
+            raise BadInput(f"refusing to send a token over plain http to {endpoint}; use https, or set "
+                           f"allow_http_token = true for it in {config.path}")
+        return None  # the ambient hub token is simply not sent there
+    return token
+
+
+def is_trusted(config: WorkerConfig, endpoint: str) -> bool:
+    """True when token_for would not refuse this endpoint."""
+    key = normalize_endpoint(endpoint)
+    return key in _session_trust or config.endpoint(endpoint) is not None or key in _ambient_endpoints()
+
+
+def _ambient_endpoints() -> set[str]:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_ENDPOINT")
+    # constants.ENDPOINT is HF_ENDPOINT when that was set at import; the public hub is always trusted.
+    return {normalize_endpoint(constants.ENDPOINT), normalize_endpoint("https://huggingface.co")} | (
+        {normalize_endpoint(env)} if env else set())
+
+
+def _configured_token(entry: TrustedEndpoint, config: WorkerConfig) -> str | None:
+    if entry.token_env:
+        token = os.environ.get(entry.token_env, "").strip()
+        if not token:
+            raise BadInput(f"{config.path}: the token for {entry.url} comes from ${entry.token_env}, which is "
+                           "not set in this worker's environment")
+        return token
+    return read_token(entry.token_file) if entry.token_file else None
+
+
+def _safe_for_token(endpoint: str) -> bool:
+    """https, or plain http to this machine (loopback: the traffic never leaves it)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def offline() -> bool:

@@ -6,45 +6,108 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import hub
-from .catalog import resolve
+from .catalog import list_artifacts, resolve
+from .config import WorkerConfig, load_worker_config
 from .core import Registry
-from .errors import BadInput
+from .errors import BadInput, RegistryError
+from .models import Artifact
 
 
 @dataclass
 class UpstreamCheck:
-    """Per-file comparison with the hub, and whether the requested branch has moved on."""
+    """Per-file comparison with the hub, and whether the requested branch has moved on.
+
+    `skipped` (not pulled from a hub) and `error` (the hub could not be asked) are set only by check_all.
+    """
 
     name: str
-    repo_id: str
-    commit: str
-    ref: str | None
-    ref_now: str | None
-    ok: bool
+    repo_id: str | None = None
+    commit: str | None = None
+    ref: str | None = None
+    ref_now: str | None = None
+    ok: bool = True
     files: list[dict[str, Any]] = field(default_factory=list)
+    endpoint: str | None = None
+    skipped: str | None = None
+    error: str | None = None
 
     @property
     def moved(self) -> bool:
         return bool(self.ref_now and self.ref_now != self.commit)
 
+    @property
+    def status(self) -> str:
+        return "skipped" if self.skipped else "error" if self.error else "ok" if self.ok else "differs"
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "moved": self.moved}
+        return {**asdict(self), "moved": self.moved, "status": self.status}
 
 
-def check_upstream(reg: Registry, ref: str, token: str | None, endpoint: str | None = None) -> UpstreamCheck:
-    """Re-check local files against the hub's hashes at the pinned commit; reads only non-LFS blobs."""
+def check_upstream(reg: Registry, ref: str, endpoint: str | None = None,
+                   config: WorkerConfig | None = None) -> UpstreamCheck:
+    """Re-check local files against the hub's hashes at the pinned commit; reads only non-LFS blobs.
+
+    The hub asked is `endpoint`, else the one stored at pull time. A token goes only where this process's
+    rules allow (hub.token_for): an endpoint stored in the catalog is not trusted because it is stored there.
+    """
     with reg.session() as s:
         a = resolve(s, ref)
         if not a.source_repo or not a.source_revision:
             raise BadInput(f"{a.name} was not pulled from a hub; --upstream needs a pulled artifact")
-        name, repo_id, commit, asked = a.name, a.source_repo, a.source_revision, a.source_ref
-        local = {f.path: (f.sha256, f.size) for f in a.files}
-        endpoint = hub.endpoint_url(endpoint or a.source_endpoint)
-    remote = {f.path: f for f in hub.list_files(endpoint, repo_id, commit, token)}
-    files = [_compare(reg, path, local.get(path), remote.get(path)) for path in sorted(set(local) | set(remote))]
-    ref_now = hub.resolve_commit(endpoint, repo_id, asked, token) if asked and asked != commit else None
+        return _check(reg, _Pinned.of(a), endpoint, config or load_worker_config(reg.home))
+
+
+def check_all(reg: Registry, endpoint: str | None = None, config: WorkerConfig | None = None) -> list[UpstreamCheck]:
+    """check_upstream for every live artifact with a source repo and commit; the others are listed as skipped,
+    and an artifact whose hub cannot be asked is listed with its error (neither stops the others)."""
+    config = config or load_worker_config(reg.home)
+    with reg.session() as s:
+        artifacts = sorted(list_artifacts(s), key=lambda a: a.name)
+        pinned = [_Pinned.of(a) if a.source_repo and a.source_revision else a.name for a in artifacts]
+    checks = []
+    for p in pinned:
+        if isinstance(p, str):
+            checks.append(UpstreamCheck(p, skipped="not pulled from a hub (no source repo and commit)"))
+            continue
+        try:
+            checks.append(_check(reg, p, endpoint, config))
+        except RegistryError as exc:
+            checks.append(UpstreamCheck(p.name, p.repo_id, p.commit, p.asked, ok=False, error=str(exc)))
+    return checks
+
+
+@dataclass
+class _Pinned:
+    """What check_upstream needs of an artifact, read inside one session."""
+
+    name: str
+    repo_id: str
+    commit: str
+    asked: str | None
+    endpoint: str | None
+    local: dict[str, tuple[str, int]]
+
+    @classmethod
+    def of(cls, a: Artifact) -> "_Pinned":
+        return cls(a.name, a.source_repo, a.source_revision, a.source_ref, a.source_endpoint,
+                   {f.path: (f.sha256, f.size) for f in a.files})
+
+
+def _check(reg: Registry, p: _Pinned, endpoint: str | None, config: WorkerConfig) -> UpstreamCheck:
+    url = hub.endpoint_url(endpoint or p.endpoint)
+    token = hub.token_for(config, url, refuse_untrusted=False)
+    try:
+        remote = {f.path: f for f in hub.list_files(url, p.repo_id, p.commit, token)}
+        ref_now = hub.resolve_commit(url, p.repo_id, p.asked, token) if p.asked and p.asked != p.commit else None
+    except hub.AccessDenied as exc:
+        if token is None and not hub.is_trusted(config, url):
+            raise hub.AccessDenied(f"{exc}. No token was sent: {url} is not a trusted endpoint; to trust it for "
+                                   f"this command pass --endpoint {url} (with --token-file), or add it to "
+                                   f"{config.path}") from None
+        raise
+    files = [_compare(reg, path, p.local.get(path), remote.get(path)) for path in sorted(set(p.local) | set(remote))]
     ok = all(f["status"] == "ok" for f in files if f["status"] != "not pulled")
-    return UpstreamCheck(name, repo_id, commit, asked, ref_now, ok, files)
+    return UpstreamCheck(p.name, p.repo_id, p.commit, p.asked, ref_now, ok, files, url)
 
 
 def _compare(reg: Registry, path: str, local: tuple[str, int] | None, remote: hub.RemoteFile | None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from registry import hub
+from registry.config import load_worker_config
 from registry.core import Registry
 from registry.pull import pull
 
@@ -11,8 +12,10 @@ from .context import HandlerResult, JobReporter
 
 
 def handle(reg: Registry, params: dict[str, Any], reporter: JobReporter, job_id: int) -> HandlerResult:
-    """Run a pull job; the token is read here (token file, HF_TOKEN or login store), never from params."""
-    token = hub.read_token(params.get("token_file"))
+    """Run a pull job. The endpoint must be trusted by this worker, and its token comes from the worker's
+    configuration (or the CLI user who runs the job in-process), never from params: a `token_file` there,
+    from a client before this rule, is ignored."""
+    token = hub.token_for(load_worker_config(reg.home), params["endpoint"])
     result = pull(reg, params["repo_id"], params["revision"], params["commit"], params["endpoint"], token,
                   params.get("include"), params.get("exclude"), params.get("name"), params.get("kind"),
                   params.get("workers", 8), reporter, job_id)

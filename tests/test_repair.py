@@ -1,0 +1,106 @@
+"""`registry repair`: restore an artifact's missing or damaged blobs from its source (issue 8, items 3 and 14)."""
+from __future__ import annotations
+
+import json
+import os
+
+from conftest import cli_json, run_cli
+from hubproxy import HubProxy
+from test_pull import _random_safetensors, hub, hubp  # noqa: F401  (session olah + proxy fixtures)
+
+
+def _blob(home, artifact: str, path: str):
+    sha = {f["path"]: f["sha256"] for f in cli_json("show", artifact)["file_list"]}[path]
+    return home / "blobs" / "sha256" / sha[:2] / sha
+
+
+def _flip_byte(blob, offset: int = 10) -> None:
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_repair_an_imported_artifact_from_its_folder(db_url, home, tiny_model):
+    run_cli("import", str(tiny_model), "--name", "tiny")
+    _flip_byte(_blob(home, "tiny", "model.safetensors"), 1000)
+    _blob(home, "tiny", "tokenizer.json").unlink()
+    run_cli("verify", "tiny", check=1)
+    assert cli_json("show", "tiny")["status"] == "corrupt"
+    out = run_cli("repair", "tiny").stdout
+    assert "2 of 5 files damaged" in out
+    assert "restored    model.safetensors (was mismatch)" in out and "restored    tokenizer.json (was missing)" in out
+    assert "tiny is ready" in out
+    run_cli("verify", "tiny")
+    shown = cli_json("show", "tiny")
+    assert shown["status"] == "ready"
+    repaired = [e for e in shown["events"] if e["kind"] == "repaired"]
+    assert repaired and sorted(repaired[0]["detail"]["restored"]) == ["model.safetensors", "tokenizer.json"]
+    assert [j["type"] for j in shown["jobs"]].count("repair") == 1
+    # Nothing left to do: exit 0, nothing restored, the quick check agrees with the new stamps.
+    report = cli_json("repair", "tiny")
+    assert (report["damaged"], report["restored"], report["status"]) == ([], [], "ready")
+    run_cli("verify", "--quick", "tiny")
+
+
+def test_repair_fails_when_the_source_folder_changed(db_url, home, tiny_model):
+    run_cli("import", str(tiny_model), "--name", "tiny")
+    blob = _blob(home, "tiny", "model.safetensors")
+    _flip_byte(blob, 1000)
+    (tiny_model / "model.safetensors").write_bytes(b"retrained weights")
+    proc = run_cli("repair", "tiny", check=1)
+    assert "CANNOT      model.safetensors:" in proc.stdout
+    assert f"{tiny_model / 'model.safetensors'} has changed since it was imported" in proc.stdout
+    assert "tiny is corrupt; the source folder" in proc.stdout and "import the folder again" in proc.stdout
+    assert proc.stderr.startswith("error: tiny: cannot restore model.safetensors;")
+    report = json.loads(run_cli("repair", "tiny", "--json", check=1).stdout)
+    assert report["unrestorable"][0]["path"] == "model.safetensors" and report["ok"] is False
+    assert cli_json("show", "tiny")["status"] == "corrupt"
+    assert os.path.exists(blob)  # the damaged blob is kept while nothing better exists
+
+
+def test_repair_a_pulled_artifact_downloads_only_the_damaged_files(hubp, db_url, home):
+    run_cli("pull", "acme/big")
+    _flip_byte(_blob(home, "acme/big", "model.safetensors"), 5000)
+    _blob(home, "acme/big", "config.json").unlink()
+    hubp.proxy.reset()
+    out = run_cli("repair", "acme/big").stdout
+    assert "2 of 3 files damaged" in out and "acme/big is ready" in out
+    assert hubp.proxy.sent == {"model.safetensors": len(_random_safetensors(1, 3)),
+                               "config.json": len(b'{"model_type": "llama"}')}
+    run_cli("verify", "acme/big")
+    assert cli_json("show", "acme/big")["status"] == "ready"
+
+
+def test_repair_refuses_an_untrusted_recorded_endpoint(hubp, home):
+    other = HubProxy(hubp.olah.url)
+    try:
+        run_cli("pull", "acme/big", "--endpoint", other.url)
+        _blob(home, "acme/big", "config.json").unlink()
+        other.reset()
+        proc = run_cli("repair", "acme/big", env={"HF_TOKEN": "hf_workerSECRET123"}, check=2)
+        assert f"endpoint {other.url} is not trusted by this worker" in proc.stderr
+        assert other.requests == []
+    finally:
+        other.shutdown()
+
+
+def test_repair_refuses_removed_and_unknown_artifacts(home, tiny_model):
+    run_cli("import", str(tiny_model), "--name", "tiny")
+    run_cli("rm", "tiny")
+    assert "tiny was removed (registry rm) and cannot be repaired" in run_cli("repair", "tiny", check=3).stderr
+    assert "no artifact, tag or digest named 'nope'" in run_cli("repair", "nope", check=3).stderr
+
+
+def test_detached_repair_runs_on_a_worker(db_url, home, tiny_model):
+    run_cli("import", str(tiny_model), "--name", "tiny")
+    _blob(home, "tiny", "config.json").unlink()
+    queued = cli_json("repair", "tiny", "--detach")
+    job = cli_json("job", str(queued["job"]))
+    assert job["type"] == "repair" and job["params"]["artifact_id"] == cli_json("show", "tiny")["id"]
+    run_cli("worker", "--once")
+    done = cli_json("job", str(queued["job"]))
+    assert done["state"] == "succeeded" and done["result"]["restored"] == ["config.json"]
+    run_cli("verify", "tiny")
