@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import event, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .errors import AmbiguousRef, BadInput, Conflict, NotFound, OperationFailed
+from .jobs import check_fence
 from .manifest import build_manifest, manifest_digest
 from .models import KINDS, Artifact, Blob, Edge, Event, File, Job, Tag, utcnow
-from .store import Ingested, LocalStore
+from .gclock import check_blobs_for_registration
+from .store import BlobStore, Ingested
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@+]*$")
 DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{8,64})$")
@@ -56,7 +59,11 @@ def record_event(session: Session, event_kind: str, artifact_id: int | None = No
 
 
 def resolve(session: Session, ref: str) -> Artifact:
-    """Find a live artifact by tag, name or `sha256:` digest prefix (at least 8 hex digits)."""
+    """Find a live artifact by tag, name or `sha256:` digest prefix (at least 8 hex digits).
+
+    A digest prefix must name exactly one live artifact: two artifacts may hold the same content (the same
+    folder imported under two names), and picking one of them would act on the wrong artifact.
+    """
     tag = session.get(Tag, ref)
     if tag is not None:
         return session.get(Artifact, tag.artifact_id)
@@ -69,13 +76,37 @@ def resolve(session: Session, ref: str) -> Artifact:
             raise BadInput(f"digest ref {ref!r} needs 'sha256:' and at least 8 hex digits")
         raise NotFound(f"no artifact, tag or digest named {ref!r}; see registry list")
     found = session.scalars(select(Artifact).where(Artifact.digest.startswith(ref.lower()),
-                                                   Artifact.status != "deleted")).all()
-    digests = {a.digest for a in found}
+                                                   Artifact.status != "deleted").order_by(Artifact.name)).all()
     if not found:
         raise NotFound(f"no artifact with digest {ref}; see registry list")
-    if len(digests) > 1:
-        raise AmbiguousRef(f"digest prefix {ref} matches {len(digests)} artifacts; give more hex digits")
+    if len(found) > 1:
+        names = ", ".join(a.name for a in found)
+        hint = "name one of them" if len({a.digest for a in found}) == 1 else "give more hex digits or a name"
+        raise AmbiguousRef(f"digest prefix {ref} matches {len(found)} artifacts ({names}); {hint}")
     return found[0]
+
+
+def load(session: Session, ref: str | int) -> Artifact:
+    """A live artifact by id (what jobs carry) or by ref (what people type)."""
+    if isinstance(ref, str):
+        return resolve(session, ref)
+    artifact = session.get(Artifact, ref)
+    if artifact is None:
+        raise NotFound(f"no artifact with id {ref}; see registry list")
+    if artifact.status == "deleted":
+        raise NotFound(f"{artifact.name} (id {ref}) was removed; nothing was done")
+    return artifact
+
+
+def require_usable(artifact: Artifact) -> Artifact:
+    """Refuse an artifact whose files are known to be damaged or missing, saying what to do."""
+    if artifact.status == "corrupt":
+        raise OperationFailed(f"{artifact.name} is corrupt (registry verify found damaged or missing files): run "
+                              f"`registry verify {artifact.name}` to see which, then `registry repair {artifact.name}`")
+    if artifact.status == "incomplete":
+        raise OperationFailed(f"{artifact.name} is incomplete (some of its files are not in the store): run "
+                              f"`registry verify {artifact.name}` to see which, then `registry repair {artifact.name}`")
+    return artifact
 
 
 def insert_blobs(session: Session, ingested: Iterable[Ingested]) -> None:
@@ -94,13 +125,20 @@ def insert_blobs(session: Session, ingested: Iterable[Ingested]) -> None:
                             .values(git_sha1=i.git_sha1))
 
 
-def register_artifact(session: Session, store: LocalStore, *, name: str, kind: str,
+def register_artifact(session: Session, store: BlobStore, *, name: str, kind: str,
                       files: dict[str, Ingested], meta: dict[str, Any], parents: Iterable[tuple[Artifact, str]] = (),
-                      source: dict[str, str | None] | None = None, job_id: int | None = None) -> tuple[Artifact, bool]:
-    """Insert an artifact for ingested files; returns (artifact, created). Same name and content is a no-op."""
+                      source: dict[str, str | None] | None = None, job_id: int | None = None,
+                      provenance: dict[str, Any] | None = None) -> tuple[Artifact, bool]:
+    """Insert an artifact for ingested files; returns (artifact, created).
+
+    The digest covers the kind and the files only. Same name and digest is a no-op that keeps the first
+    registration's provenance. After the transaction commits, the artifact's record is written to the store.
+    """
+    if job_id is not None:  # fencing: a worker whose lease was taken over registers nothing
+        check_fence(session, job_id)
     check_name(name)
     check_kind(kind)
-    manifest = build_manifest(kind, ((p, i.size, i.sha256) for p, i in files.items()), meta)
+    manifest = build_manifest(kind, ((p, i.size, i.sha256) for p, i in files.items()))
     digest = manifest_digest(manifest)
     existing = session.scalars(select(Artifact).where(Artifact.name == name, Artifact.status != "deleted")).first()
     if existing is not None:
@@ -108,27 +146,69 @@ def register_artifact(session: Session, store: LocalStore, *, name: str, kind: s
             return existing, False
         raise Conflict(f"name {name!r} is already used by {existing.digest[:19]}; choose another --name "
                        "or remove it with registry rm")
+    # Under the shared gc lock: every blob is present (else BlobVanished, which the job retries) and stays
+    # so until this transaction commits; our pins on them end with it (gclock.py).
+    check_blobs_for_registration(session, store, files.values())
     insert_blobs(session, files.values())
-    for ingested in files.values():
-        if not store.exists(ingested.sha256):  # gc may have removed an unreferenced blob meanwhile
-            raise OperationFailed(f"blob {ingested.sha256[:12]} vanished from the store during import; retry")
     source = source or {}
-    artifact = Artifact(name=name, kind=kind, status="ready", digest=digest, meta=meta,
-                        total_size=sum(i.size for i in files.values()), source_repo=source.get("repo"),
+    now = utcnow()
+    provenance = {**(provenance or {}), "job_id": job_id, "host": socket.gethostname(),
+                  "created_at": now.isoformat() + "Z"}
+    artifact = Artifact(name=name, kind=kind, status="ready", digest=digest, meta=meta, provenance=provenance,
+                        created_at=now, total_size=sum(i.size for i in files.values()), source_repo=source.get("repo"),
                         source_revision=source.get("revision"), source_path=source.get("path"),
                         source_endpoint=source.get("endpoint"), source_ref=source.get("ref"))
     artifact.files = [File(path=p, sha256=i.sha256, size=i.size) for p, i in files.items()]
     session.add(artifact)
     session.flush()
+    parents = list(parents)
     for parent, role in parents:
         session.add(Edge(child_id=artifact.id, parent_id=parent.id, role=role))
     record_event(session, "registered", artifact.id, job_id, digest=digest, name=name, kind=kind)
+    record = artifact_record(artifact, [(p.name, p.digest, role) for p, role in parents])
+    after_commit(session, ("artifact", name), lambda: store.records.put(record))
     return artifact, True
 
 
 def artifact_manifest(artifact: Artifact) -> dict[str, Any]:
-    """The manifest an artifact's digest was computed from."""
-    return build_manifest(artifact.kind, ((f.path, f.size, f.sha256) for f in artifact.files), artifact.meta)
+    """The manifest an artifact's digest was computed from: its kind and files."""
+    return build_manifest(artifact.kind, ((f.path, f.size, f.sha256) for f in artifact.files))
+
+
+def artifact_record(artifact: Artifact, parents: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
+    """What the store keeps about an artifact to rebuild its catalog rows: parents as (name, digest, role)."""
+    return {
+        "record": 1, "name": artifact.name, "kind": artifact.kind, "digest": artifact.digest,
+        "files": artifact_manifest(artifact)["files"], "meta": artifact.meta, "provenance": artifact.provenance,
+        "source": {"repo": artifact.source_repo, "revision": artifact.source_revision, "path": artifact.source_path,
+                   "endpoint": artifact.source_endpoint, "ref": artifact.source_ref},
+        "parents": [{"name": n, "digest": d, "role": r} for n, d, r in sorted(parents, key=lambda p: (p[2], p[0]))],
+        "created_at": artifact.created_at.isoformat() + "Z",
+    }
+
+
+def after_commit(session: Session, key: tuple, action) -> None:
+    """Run `action` once the session's transaction commits (never on rollback); a later action with the same
+    key replaces an earlier one. Store records follow the catalog, so a rolled-back change writes none."""
+    pending = session.info.setdefault("after_commit", {})
+    if not pending:
+        event.listen(session, "after_commit", _run_after_commit, once=True)
+    pending[key] = action
+
+
+def _run_after_commit(session: Session) -> None:
+    import logging
+
+    for action in session.info.pop("after_commit", {}).values():
+        try:
+            action()
+        except OSError as exc:  # the catalog committed: report, and let `registry fsck` find the gap
+            logging.getLogger("registry").warning("could not write the artifact record to the store: %s", exc)
+
+
+def _session_store(session: Session):
+    """The store a Registry session carries (None for a bare session: no records are written)."""
+    return session.info.get("store")
 
 
 def list_artifacts(session: Session, kind: str | None = None, include_deleted: bool = False) -> list[Artifact]:
@@ -175,6 +255,7 @@ def details(session: Session, artifact: Artifact) -> dict[str, Any]:
     return {
         **summary(session, artifact),
         "metadata": artifact.meta,
+        "provenance": artifact.provenance,
         "file_list": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in artifact.files],
         "lineage": lineage(session, artifact),
         "jobs": [{"id": j.id, "type": j.type, "state": j.state,
@@ -205,6 +286,10 @@ def tag_artifact(session: Session, artifact: Artifact, tag_name: str) -> str | N
         previous = session.get(Artifact, tag.artifact_id).digest
         tag.artifact_id, tag.updated_at = artifact.id, utcnow()
     record_event(session, "tagged", artifact.id, tag=tag_name, previous=previous)
+    store = _session_store(session)
+    if store is not None:
+        name, digest = artifact.name, artifact.digest
+        after_commit(session, ("tag", tag_name), lambda: store.records.put_tag(tag_name, name, digest))
     return previous
 
 
@@ -216,12 +301,23 @@ def remove_artifact(session: Session, ref: str, force: bool = False) -> Artifact
     if children and not force:
         names = ", ".join(sorted({c.name for c in children}))
         raise Conflict(f"{artifact.name} has derived artifacts ({names}); remove them first or use --force")
-    for tag in session.scalars(select(Tag).where(Tag.artifact_id == artifact.id)):
+    tags = list(session.scalars(select(Tag).where(Tag.artifact_id == artifact.id)))
+    for tag in tags:
         session.delete(tag)
+    store = _session_store(session)
+    if store is not None:
+        name, tag_names = artifact.name, [t.name for t in tags]
+        after_commit(session, ("artifact", name), lambda: _forget(store, name, tag_names))
     artifact.files = []
     artifact.status = "deleted"
     record_event(session, "deleted", artifact.id, name=artifact.name, digest=artifact.digest, forced=force)
     return artifact
+
+
+def _forget(store, name: str, tag_names: list[str]) -> None:
+    store.records.delete(name)
+    for tag in tag_names:
+        store.records.delete_tag(tag)
 
 
 def find_by_name_or_repo(session: Session, name: str) -> Artifact | None:

@@ -1,4 +1,8 @@
-"""Canonical manifests: sorted-key JSON of files (path, size, sha256) and metadata; digest = its sha256."""
+"""Canonical manifests: sorted-key JSON of the kind and the files (path, size, sha256); digest = its sha256.
+
+The digest covers content only, so the same files give the same digest on any machine. Metadata read from
+the files and provenance (versions, device, checks, evaluation, times, job) are kept beside it, not in it.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,10 +10,13 @@ import json
 from typing import Any, Iterable
 
 
-def build_manifest(kind: str, files: Iterable[tuple[str, int, str]], meta: dict[str, Any]) -> dict[str, Any]:
+MANIFEST_SCHEMA = 2  # 1 also hashed the metadata; migration 0004 recomputed every digest
+
+
+def build_manifest(kind: str, files: Iterable[tuple[str, int, str]]) -> dict[str, Any]:
     """The manifest for an artifact: `files` are (path, size, sha256) triples."""
     entries = [{"path": p, "size": s, "sha256": h} for p, s, h in sorted(files)]
-    return {"schema": 1, "kind": kind, "files": entries, "metadata": meta}
+    return {"schema": MANIFEST_SCHEMA, "kind": kind, "files": entries}
 
 
 def canonical_json(manifest: dict[str, Any]) -> bytes:

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .catalog import Registered, register_artifact, resolve, tags_of
+from .catalog import Registered, load, register_artifact, require_usable, tags_of
 from .core import Registry
 from .errors import BadInput, Conflict, OperationFailed
 from .lora import AdapterPlan, load_adapter_tensors, merge_weight, merged_shape, plan_adapter
@@ -37,6 +37,7 @@ class MergeResult(Registered):
     bytes_added: int = 0
     check: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)  # this run's; a no-op keeps the first one's
 
 
 def _check_pair(base: Artifact, adapter: Artifact, tags: list[str], force: bool) -> None:
@@ -150,10 +151,11 @@ def _rewritten_json(reg: Registry, path: Path, change) -> Ingested:
         return w.finish()
 
 
-def merge(reg: Registry, base_ref: str, adapter_ref: str, name: str | None = None, dtype: str = "auto",
+def merge(reg: Registry, base_ref: str | int, adapter_ref: str | int, name: str | None = None, dtype: str = "auto",
           check: bool = False, force: bool = False, allow_pickle: bool = False,
           reporter: Reporter | None = None, job_id: int | None = None) -> MergeResult:
-    """Merge ADAPTER into BASE and register the result as a `merged` artifact with lineage to both."""
+    """Merge ADAPTER into BASE (refs, or artifact ids as jobs carry them) and register the result as a `merged`
+    artifact with lineage to exactly those two artifacts."""
     from .merge_meta import check_logits, merge_metadata
 
     reporter = reporter or NullReporter()
@@ -161,7 +163,7 @@ def merge(reg: Registry, base_ref: str, adapter_ref: str, name: str | None = Non
         raise BadInput(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPE_CHOICES)}")
     out_dtype = DTYPE_CHOICES[dtype]
     with reg.session() as s:
-        base, adapter = resolve(s, base_ref), resolve(s, adapter_ref)
+        base, adapter = require_usable(load(s, base_ref)), require_usable(load(s, adapter_ref))
         _check_pair(base, adapter, tags_of(s, base.id), force)
         base_files = {f.path: (f.sha256, f.size) for f in base.files}
         adapter_files = {f.path: reg.store.path(f.sha256) for f in adapter.files}
@@ -180,17 +182,18 @@ def merge(reg: Registry, base_ref: str, adapter_ref: str, name: str | None = Non
                                 for rel, sh in zip(shard_rels, shards)}
     reporter.finish()
     out.update(_carried_files(reg, base_files, out, out_dtype, stats["tensor_bytes"]))
-    meta = merge_metadata(base_meta, plan, base_digest, adapter_digest, out_dtype)
-    check_result = check_logits(reg, base_ref, adapter_ref, out, out_dtype) if check else None
+    meta, provenance = merge_metadata(base_meta, plan, base_digest, adapter_digest, out_dtype)
+    check_result = check_logits(reg, base_id, adapter_id, out, out_dtype) if check else None
     if check_result is not None:
-        meta["merge"]["check"] = check_result
+        provenance["merge"]["check"] = check_result
     with reg.session() as s:
-        parents = [(s.get(Artifact, base_id), "base"), (s.get(Artifact, adapter_id), "adapter")]
+        parents = [(load(s, base_id), "base"), (load(s, adapter_id), "adapter")]
         a, created = register_artifact(s, reg.store, name=name or f"{adapter_name}-merged", kind="merged",
-                                       files=out, meta=meta, parents=parents,
+                                       files=out, meta=meta, parents=parents, provenance=provenance,
                                        source={"path": f"merge of {adapter_name} into {base_name}"}, job_id=job_id)
         return MergeResult(a.id, a.name, a.digest, len(a.files), a.total_size, created, stats["merged"],
-                           stats["replaced"], sum(i.size for i in out.values() if i.added), check_result)
+                           stats["replaced"], sum(i.size for i in out.values() if i.added), check_result,
+                           provenance=provenance)
 
 
 def _carried_files(reg: Registry, base_files: dict[str, tuple[str, int]], done: dict[str, Ingested],

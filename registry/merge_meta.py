@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import importlib.metadata
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from .core import Registry
 from .lora import AdapterPlan
-from .store import Ingested, materialize
+from .store import Ingested
 
 CHECK_PROMPT = "<s>Human: What is a model registry?\n</s><s>Assistant: "
 
@@ -22,8 +20,9 @@ def package_version(package: str) -> str | None:
 
 
 def merge_metadata(base_meta: dict[str, Any], plan: AdapterPlan, base_digest: str, adapter_digest: str,
-                   out_dtype: str | None) -> dict[str, Any]:
-    """The merged artifact's metadata: the base's, plus exactly what was fused with what."""
+                   out_dtype: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, provenance): the base's metadata (what the files say), and exactly what was fused with
+    what, by which versions (how they were made; kept out of the digest)."""
     from .merge import CONFIG_DTYPES
 
     cfg = plan.config
@@ -31,7 +30,7 @@ def merge_metadata(base_meta: dict[str, Any], plan: AdapterPlan, base_digest: st
     meta = {k: v for k, v in base_meta.items() if k not in ("peft_config", "unsafe_files")}
     if out_dtype:
         meta["dtype"] = CONFIG_DTYPES[out_dtype]
-    meta["merge"] = {
+    merge = {
         "base_digest": base_digest, "adapter_digest": adapter_digest,
         "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
         "scaling": scalings[0] if len(scalings) == 1 else {m.module: m.scaling for m in plan.modules.values()},
@@ -42,10 +41,10 @@ def merge_metadata(base_meta: dict[str, Any], plan: AdapterPlan, base_digest: st
         "tensors_merged": len(plan.modules), "tensors_replaced": len(plan.replacements),
         "versions": {p: package_version(p) for p in ("registry", "torch", "safetensors", "peft")},
     }
-    return meta
+    return meta, {"merge": merge}
 
 
-def check_logits(reg: Registry, base_ref: str, adapter_ref: str, merged: dict[str, Ingested],
+def check_logits(reg: Registry, base_ref: str | int, adapter_ref: str | int, merged: dict[str, Ingested],
                  out_dtype: str | None) -> dict[str, Any]:
     """Run one prompt through base+adapter (peft) and through the merged files; the largest logit gap."""
     from .progress import engine_output
@@ -54,7 +53,8 @@ def check_logits(reg: Registry, base_ref: str, adapter_ref: str, merged: dict[st
         return _check_logits(reg, base_ref, adapter_ref, merged)
 
 
-def _check_logits(reg: Registry, base_ref: str, adapter_ref: str, merged: dict[str, Ingested]) -> dict[str, Any]:
+def _check_logits(reg: Registry, base_ref: str | int, adapter_ref: str | int,
+                  merged: dict[str, Ingested]) -> dict[str, Any]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,11 +66,12 @@ def _check_logits(reg: Registry, base_ref: str, adapter_ref: str, merged: dict[s
     from .export import snapshot_path
 
     base_dir, adapter_dir = snapshot_path(reg, base_ref), snapshot_path(reg, adapter_ref)
-    with tempfile.TemporaryDirectory(dir=reg.settings.tmp_dir) as tmp:
+    with reg.store.scratch_dir("merge-check") as scratch:  # locked: gc leaves it alone while we use it
+        tmp = scratch / "merged"
         for rel, ingested in merged.items():
-            dest = Path(tmp) / rel
+            dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            materialize(reg.store.path(ingested.sha256), dest)
+            reg.store.materialize(ingested.sha256, dest, "link")
         merged_model = AutoModelForCausalLM.from_pretrained(tmp)
         dtype = merged_model.dtype
         reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype),

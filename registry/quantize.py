@@ -5,13 +5,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .calibration import Calibration, load_calibration
-from .catalog import Registered, register_artifact, resolve
+from .catalog import Registered, load, register_artifact, require_usable
 from .core import Registry
 from .errors import BadInput, OperationFailed
 from .export import snapshot_path
@@ -47,6 +46,7 @@ class QuantizeResult(Registered):
     """The quantized artifact and its evaluation."""
 
     evaluation: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)  # this run's; a no-op keeps the first one's
 
 
 def require_gptqmodel():
@@ -174,26 +174,29 @@ def _evaluate(source_dir: Path, quant_dir: Path, calib: Calibration, opts: Quant
     return result
 
 
-def quantize(reg: Registry, ref: str, opts: QuantizeOptions, name: str | None = None,
+def quantize(reg: Registry, ref: str | int, opts: QuantizeOptions, name: str | None = None,
              reporter: Reporter | None = None, job_id: int | None = None) -> QuantizeResult:
-    """Quantize REF with GPTQ and register a `quantized` artifact with lineage and evaluation."""
+    """Quantize REF (a ref, or an artifact id as jobs carry it) with GPTQ and register a `quantized` artifact
+    with lineage to exactly that artifact, and its evaluation as provenance."""
     reporter = reporter or NullReporter()
     require_gptqmodel()
     with reg.session() as s:
-        source = resolve(s, ref)
+        source = require_usable(load(s, ref))
         files = {f.path: reg.store.path(f.sha256) for f in source.files}
         check_source(source, files, opts)
         source_id, source_name, source_digest = source.id, source.name, source.digest
         source_size = sum(f.size for f in source.files if f.path.endswith(".safetensors"))
     device = resolve_device(opts.device)
     calib = load_calibration(opts.calibration, opts.samples, opts.seed)
-    source_dir = snapshot_path(reg, ref)
-    reg.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(tempfile.mkdtemp(dir=reg.settings.tmp_dir, prefix="quantize-"))
-    try:
+    source_dir = snapshot_path(reg, source_id)
+    # A scratch folder in the store's temp area, locked while we run: gc leaves it alone until we exit,
+    # and removes what a killed run left behind.
+    with reg.store.scratch_dir("quantize") as scratch:
+        out_dir = scratch / "out"
+        out_dir.mkdir()
         reporter.start(4, "steps", f"quantizing {source_name}")
         with engine_output():
-            _run_gptq(source_dir, out_dir, calib, opts, device)
+            _run_gptq(source_dir, out_dir, calib, opts, device, reporter)
         reporter.advance(2)
         _clean_output(out_dir)
         quant_size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
@@ -201,22 +204,21 @@ def quantize(reg: Registry, ref: str, opts: QuantizeOptions, name: str | None = 
             evaluation = _evaluate(source_dir, out_dir, calib, opts, device, source_size, quant_size) \
                 if opts.evaluate else None
         reporter.advance(1)
-        meta = _metadata(out_dir, source_digest, calib, opts, device, evaluation)
+        meta, provenance = _metadata(out_dir, source_digest, calib, opts, device, evaluation)
         ingested = ingest_files(reg, {p.name: p for p in sorted(out_dir.iterdir()) if p.is_file()}, False,
                                 NullReporter())
         reporter.advance(1)
         reporter.finish()
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
     with reg.session() as s:
         a, created = register_artifact(
             s, reg.store, name=name or f"{source_name}-gptq-int{opts.bits}", kind="quantized", files=ingested,
-            meta=meta, parents=[(s.get(Artifact, source_id), "base")],
+            meta=meta, parents=[(load(s, source_id), "base")], provenance=provenance,
             source={"path": f"GPTQ int{opts.bits} of {source_name}"}, job_id=job_id)
-        return QuantizeResult(a.id, a.name, a.digest, len(a.files), a.total_size, created, evaluation)
+        return QuantizeResult(a.id, a.name, a.digest, len(a.files), a.total_size, created, evaluation, provenance)
 
 
-def _run_gptq(source_dir: Path, out_dir: Path, calib: Calibration, opts: QuantizeOptions, device: str) -> None:
+def _run_gptq(source_dir: Path, out_dir: Path, calib: Calibration, opts: QuantizeOptions, device: str,
+              reporter: Reporter | None = None) -> None:
     import random
 
     import numpy as np
@@ -236,7 +238,10 @@ def _run_gptq(source_dir: Path, out_dir: Path, calib: Calibration, opts: Quantiz
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     config = QuantizeConfig(bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act, sym=opts.sym)
     model = GPTQModel.load(str(source_dir), config, device=device)
-    model.quantize(_calibration_batches(tokenizer, calib.samples, opts.seq_len), batch_size=1)
+    from .stopping import stop_forward_when_stopped
+
+    with stop_forward_when_stopped(model.model, reporter):  # `registry cancel` acts within about a layer
+        model.quantize(_calibration_batches(tokenizer, calib.samples, opts.seq_len), batch_size=1)
     model.save(str(out_dir))
     for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
         if (source_dir / extra).exists() and not (out_dir / extra).exists():
@@ -244,20 +249,21 @@ def _run_gptq(source_dir: Path, out_dir: Path, calib: Calibration, opts: Quantiz
 
 
 def _metadata(out_dir: Path, source_digest: str, calib: Calibration, opts: QuantizeOptions, device: str,
-              evaluation: dict[str, Any] | None) -> dict[str, Any]:
+              evaluation: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata read from the files, provenance: options, device, seed, calibration, versions, evaluation)."""
     from .folder import read_metadata
 
     meta = read_metadata({p.name: p for p in out_dir.iterdir() if p.is_file()})
     meta.pop("parameter_count", None)  # packed int32 counts would mislead
     qcfg = json.loads((out_dir / "quantize_config.json").read_text())
     meta["quantization_config"] = qcfg
-    meta["quantization"] = {
+    provenance: dict[str, Any] = {"quantization": {
         "method": "gptq", "source_digest": source_digest, "bits": opts.bits, "group_size": opts.group_size,
         "desc_act": opts.desc_act, "sym": opts.sym, "seed": opts.seed, "device": device,
         "calibration": {"digest": calib.digest, "source": calib.source, "samples": len(calib.samples),
                         "seq_len": opts.seq_len, "held_out": len(calib.held_out)},
         "versions": {p: package_version(p) for p in ("gptqmodel", "torch", "transformers", "optimum", "registry")},
-    }
+    }}
     if evaluation is not None:
-        meta["evaluation"] = evaluation
-    return meta
+        provenance["evaluation"] = evaluation
+    return meta, provenance

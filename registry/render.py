@@ -60,18 +60,25 @@ def artifact_details(d: dict[str, Any]) -> None:
     for key in ("peft_config", "quantization_config"):
         if key in meta:
             click.echo(f"{key}: {json.dumps(meta[key], sort_keys=True)}")
-    q = meta.get("quantization")
+    prov = d.get("provenance") or {}
+    q = prov.get("quantization")
     if q:
         c = q["calibration"]
         click.echo(f"quantization:    GPTQ int{q['bits']} group {q['group_size']} on {q['device']}, calibration "
                    f"{c['source']} ({c['samples']} samples, {c['digest'][:19]}), seed {q['seed']}")
-    e = meta.get("evaluation")
+    e = prov.get("evaluation")
     if e:
         click.echo(f"evaluation:      perplexity {e['perplexity_quantized']} vs {e['perplexity_source']} for the "
                    f"source ({e['perplexity_ratio']}x); weights {e['size_reduction'] * 100:.0f}% smaller")
-    m = meta.get("merge")
+    m = prov.get("merge")
+    if m:
+        click.echo(f"merge:           r {m['r']}, alpha {m['lora_alpha']}, scaling {m['scaling']} "
+                   f"(base {m['base_digest'][:19]}, adapter {m['adapter_digest'][:19]})")
     if m and m.get("check"):
         click.echo(f"merge check:     largest logit difference against peft {m['check']['max_logit_diff']:.3g}")
+    made = [f"{k} {prov[k]}" for k in ("job_id", "host", "created_at") if prov.get(k) is not None]
+    if made:
+        click.echo(f"provenance:      {', '.join(made).replace('job_id', 'job')}")
     if meta.get("unsafe_files"):
         click.echo(f"UNSAFE (pickle): {', '.join(meta['unsafe_files'])}")
     click.echo("files:")
@@ -109,6 +116,24 @@ def _file_line(f: dict[str, Any]) -> str:
     if status == "wrong_size":
         return f"WRONG SIZE  {path}  expected {f['expected_size']} bytes, found {f['actual_size']}"
     return f"CHANGED     {path}  stat differs from the last verify; run a full verify to re-hash"
+
+
+def fsck_report(r) -> None:
+    """`registry fsck`: one line per disagreement between the catalog and the store."""
+    for m in r.missing_blobs:
+        click.echo(f"MISSING BLOB    {m['name']}: {m['path']} (blob {m['sha256'][:12]} is not in the store)")
+    for name in r.written:
+        click.echo(f"record written  {name}")
+    for name in r.unrecorded:
+        click.echo(f"NO RECORD       {name} (run registry fsck --write-records)")
+    for name in r.orphan_records:
+        click.echo(f"ORPHAN RECORD   {name} (in the store, not in the catalog)")
+    for name in r.damaged_records:
+        click.echo(f"DAMAGED RECORD  {name}")
+    for tag in r.tag_mismatches:
+        click.echo(f"TAG DIFFERS     {tag} (catalog and store disagree; run registry fsck --write-records)")
+    verdict = "ok" if r.ok else "PROBLEMS FOUND"
+    click.echo(f"{r.artifacts} artifacts, {r.records} records: {verdict}")
 
 
 def job_line(j: dict[str, Any]) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from .catalog import list_artifacts, record_event, resolve
+from .catalog import list_artifacts, load, record_event
 from .core import Registry
 from .errors import BadInput
 from .models import Artifact, Blob, utcnow
@@ -54,9 +54,10 @@ class _Target:
     stamp: StatStamp | None
 
 
-def verify(reg: Registry, refs: list[str] | None = None, all_artifacts: bool = False, quick: bool = False,
+def verify(reg: Registry, refs: list[str | int] | None = None, all_artifacts: bool = False, quick: bool = False,
            reporter: Reporter | None = None, job_id: int | None = None) -> list[ArtifactCheck]:
-    """Check artifacts against their manifests; marks failing ones corrupt and records events."""
+    """Check artifacts (refs, or ids as jobs carry them) against their manifests; marks exactly the failing
+    ones corrupt (never another artifact of the same digest) and records events."""
     reporter = reporter or NullReporter()
     with reg.session() as s:
         artifacts = _select(s, refs, all_artifacts)
@@ -71,14 +72,14 @@ def verify(reg: Registry, refs: list[str] | None = None, all_artifacts: bool = F
     return reports
 
 
-def _select(session, refs: list[str] | None, all_artifacts: bool) -> list[Artifact]:
+def _select(session, refs: list[str | int] | None, all_artifacts: bool) -> list[Artifact]:
     if all_artifacts:
         return [a for a in list_artifacts(session)]
     if not refs:
         raise BadInput("name at least one artifact to verify, or pass --all")
     unique: dict[int, Artifact] = {}
     for ref in refs:
-        artifact = resolve(session, ref)
+        artifact = load(session, ref)
         unique.setdefault(artifact.id, artifact)
     return list(unique.values())
 

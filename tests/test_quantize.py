@@ -59,7 +59,8 @@ def test_quantize_produces_a_gptq_checkpoint_that_loads_and_generates(with_sourc
     assert str(q.dtype) == "torch.int32" and tuple(q.shape) == (64 * 4 // 32, 64)  # in*bits/32 rows, out columns
     assert tuple(scales.shape) == (64 // 32, 64)
     assert {"model.layers.0.mlp.down_proj.qzeros", "model.layers.0.mlp.down_proj.g_idx"} <= names
-    meta = shown["metadata"]
+    meta = shown["provenance"]  # options, calibration, versions and evaluation: provenance, not in the digest
+    assert "quantization" not in shown["metadata"] and "evaluation" not in shown["metadata"]
     q_meta = meta["quantization"]
     assert q_meta["calibration"]["digest"] == "sha256:" + hashlib.sha256(calibration.read_bytes()).hexdigest()
     assert (q_meta["calibration"]["samples"], q_meta["seed"], q_meta["device"]) == (32, 0, "cpu")
@@ -77,6 +78,7 @@ def test_quantize_produces_a_gptq_checkpoint_that_loads_and_generates(with_sourc
     AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
 
 
+@pytest.mark.sqlite_only  # two quantizations; digests do not depend on the catalog
 def test_same_inputs_give_the_same_digest(with_source, tmp_path):
     workdir = tmp_path / "cwd"
     workdir.mkdir()
@@ -87,6 +89,7 @@ def test_same_inputs_give_the_same_digest(with_source, tmp_path):
     assert first["digest"] == second["digest"] and first["evaluation"] is None
 
 
+@pytest.mark.sqlite_only  # a third quantization; the failure path is the same on both
 def test_perplexity_gate_registers_nothing(with_source):
     proc = run_cli("quantize", "tiny", "--calibration", str(with_source), *QUANT_ARGS, "--max-ppl-ratio", "0.5",
                    check=1)
@@ -94,6 +97,7 @@ def test_perplexity_gate_registers_nothing(with_source):
     assert cli_json("list", "--kind", "quantized") == []
 
 
+@pytest.mark.sqlite_only  # generation reads no catalog beyond resolving the ref
 def test_generate_streams_tokens_as_they_come(with_source):
     proc = subprocess.Popen([REGISTRY_BIN, "generate", "tiny", "--prompt", "The store", "--max-new-tokens", "200"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

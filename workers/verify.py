@@ -11,8 +11,9 @@ from .context import HandlerResult, JobReporter
 
 def handle(reg: Registry, params: dict[str, Any], reporter: JobReporter, job_id: int) -> HandlerResult:
     """Run a verify job; a mismatch makes the job's answer a failure with exit code 1."""
-    reports = verify(reg, params.get("refs"), params.get("all", False), params.get("quick", False),
-                     reporter, job_id)
+    # Jobs carry artifact ids (a digest may match several artifacts); `refs`: an older job's digest refs.
+    reports = verify(reg, params.get("artifact_ids") or params.get("refs"), params.get("all", False),
+                     params.get("quick", False), reporter, job_id)
     bad = [r for r in reports if not r.ok]
     result = {"artifacts": [r.to_dict() for r in reports]}
     if bad:
