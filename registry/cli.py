@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -18,6 +19,7 @@ from .progress import terminal_reporter
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 detach_option = click.option("--detach", is_flag=True, help="Queue the job for a worker and return at once.")
+_debug = False  # set by `registry --debug`; main() then prints the traceback of an unexpected error
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,13 +27,19 @@ detach_option = click.option("--detach", is_flag=True, help="Queue the job for a
               help="Registry home folder (env REGISTRY_HOME; default: per-user data folder).")
 @click.option("--database-url", envvar="REGISTRY_DATABASE_URL",
               help="SQLAlchemy URL of the catalog (env REGISTRY_DATABASE_URL; default: SQLite in the home).")
+@click.option("--debug", is_flag=True, envvar="REGISTRY_DEBUG",
+              help="Log at DEBUG level and print the traceback of an unexpected error (env REGISTRY_DEBUG=1).")
 @click.version_option(package_name="registry")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, database_url: str | None) -> None:
+def cli(ctx: click.Context, home: str | None, database_url: str | None, debug: bool) -> None:
     """A registry for LLM weights: SHA-256 manifests, lineage, verification and jobs.
 
     Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found.
     """
+    global _debug
+    _debug = debug
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx.obj = Registry(home, database_url)
 
 
@@ -41,7 +49,7 @@ def _reg() -> Registry:
 
 def _run(job_type: str, params: dict, dedup_key: str, detach: bool, as_json: bool):
     """Run a job here (or attach to the identical one) and raise its error if it failed."""
-    from workers import run_or_attach
+    from .workers import run_or_attach
 
     reporter = None if as_json else terminal_reporter()
     job = run_or_attach(_reg(), job_type, params, dedup_key, reporter, detach)
@@ -71,7 +79,8 @@ def _result(job, as_json: bool) -> dict | None:
 @json_option
 def init(home: str | None, as_json: bool) -> None:
     """Create the home folder and migrate the catalog database to the newest schema."""
-    reg = Registry(home) if home else _reg()
+    database_url = click.get_current_context().find_root().params["database_url"]
+    reg = Registry(home, database_url) if home else _reg()
     reg.init()
     info = {"home": str(reg.home), "database_url": _safe_url(reg.settings.database_url)}
     render.emit_json(info) if as_json else click.echo(f"registry ready at {info['home']} ({info['database_url']})")
@@ -126,8 +135,8 @@ def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detac
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching (repeatable).")
 @click.option("--endpoint", help="Hub or mirror URL (default: HF_ENDPOINT, else the public hub).")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the access token "
-              "(default: HF_TOKEN, else the huggingface_hub login).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the access token for this "
+              "command (default: HF_TOKEN, else the huggingface_hub login; a worker uses its config.toml).")
 @click.option("--name", help="Artifact name (default: the repo id).")
 @click.option("--kind", type=click.Choice(KINDS), help="Override the detected kind.")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 64), help="Parallel downloads.")
@@ -150,11 +159,15 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, deta
         render.emit_json(found) if as_json else click.echo(
             f"offline: {repo_id}@{revision} is already registered as {found['name']} {found['digest']}")
         return
-    endpoint = hub.endpoint_url(endpoint)
-    commit = hub.resolve_commit(endpoint, repo_id, revision, hub.read_token(token_file))
+    endpoint = _trust_command_line_endpoint(endpoint, token_file)
+    if detach and token_file:
+        click.echo("warning: --token-file is used by this command only; the worker that runs the job uses the "
+                   "token its own config.toml gives this endpoint", err=True)
+    commit = hub.resolve_commit(endpoint, repo_id, revision, hub.token_for(_worker_config(), endpoint))
+    # No token and no token file in params: anyone who can queue a job can read (and write) them.
     params = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": endpoint,
-              "token_file": token_file and str(Path(token_file).absolute()), "include": sorted(include),
-              "exclude": sorted(exclude), "name": name, "kind": kind, "workers": workers}
+              "include": sorted(include), "exclude": sorted(exclude), "name": name, "kind": kind,
+              "workers": workers}
     key = "pull:" + "|".join(str(params[k]) for k in ("endpoint", "repo_id", "commit", "include", "exclude",
                                                        "name", "kind"))
     r = _result(_run("pull", params, key, detach, as_json), as_json)
@@ -163,6 +176,22 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, deta
                    f"{r['files']} files, {render.human_size(r['size'])}; downloaded {r['files_downloaded']} files "
                    f"({render.human_size(r['bytes_downloaded'])}), the rest was already in the store; "
                    f"tagged {r['tag']}")
+
+
+def _worker_config():
+    from .config import load_worker_config
+
+    return load_worker_config(_reg().home)
+
+
+def _trust_command_line_endpoint(endpoint: str | None, token_file: str | None) -> str:
+    """The endpoint to use; one the user typed (or gave a token for) is trusted for jobs run in this process."""
+    from . import hub
+
+    url = hub.endpoint_url(endpoint)
+    if endpoint or token_file:
+        hub.trust_for_session(url, hub.read_token(token_file) if token_file else None)
+    return url
 
 
 @cli.command()
@@ -184,9 +213,9 @@ def merge(base, adapter, name, dtype, check, force, allow_pickle, detach, as_jso
     registry merge llama-7b my-lora --name llama-7b-chat
     registry merge llama-7b my-lora --dtype bf16 --check
     """
-    with _reg().session() as s:  # resolve now so the dedup key names digests, not movable tags
-        base_digest, adapter_digest = catalog.resolve(s, base).digest, catalog.resolve(s, adapter).digest
-    params = {"base": base_digest, "adapter": adapter_digest, "name": name, "dtype": dtype, "check": check,
+    with _reg().session() as s:  # resolve once: the job names these artifacts by id, not a movable tag or digest
+        base_id, adapter_id = (catalog.require_usable(catalog.resolve(s, ref)).id for ref in (base, adapter))
+    params = {"base_id": base_id, "adapter_id": adapter_id, "name": name, "dtype": dtype, "check": check,
               "force": force, "allow_pickle": allow_pickle}
     key = "merge:" + "|".join(str(params[k]) for k in sorted(params))
     r = _result(_run("merge", params, key, detach, as_json), as_json)
@@ -224,12 +253,12 @@ def quantize(ref, bits, group_size, desc_act, sym, calibration, samples, seq_len
     registry quantize llama-7b-chat --bits 4 --group-size 128
     registry quantize llama-7b-chat --calibration chats.jsonl --samples 256 --device cuda
     """
-    with _reg().session() as s:
-        digest = catalog.resolve(s, ref).digest
+    with _reg().session() as s:  # resolve once: the job names this artifact by id, not a movable tag or digest
+        source_id = catalog.require_usable(catalog.resolve(s, ref)).id
     options = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "samples": samples,
                "calibration": calibration and str(Path(calibration).absolute()), "seq_len": seq_len,
                "device": device, "seed": seed, "evaluate": not no_eval, "max_ppl_ratio": max_ppl_ratio}
-    params = {"source": digest, "name": name, "options": options}
+    params = {"source_id": source_id, "name": name, "options": options}
     r = _result(_run("quantize", params, "quantize:" + json.dumps(params, sort_keys=True), detach, as_json), as_json)
     if r is None:
         return
@@ -248,6 +277,9 @@ def quantize(ref, bits, group_size, desc_act, sym, calibration, samples, seq_len
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def generate(ref, prompt, chat, max_new_tokens, device) -> None:
     """Generate text with a registered model, streaming tokens to stdout as they are produced."""
+    from .ml import require_ml
+
+    require_ml("generate")
     from .generate import generate as run_generate
 
     for piece in run_generate(_reg(), ref, prompt, chat, max_new_tokens, device):
@@ -262,7 +294,7 @@ def generate(ref, prompt, chat, max_new_tokens, device) -> None:
 @json_option
 def list_(kind: str | None, deleted: bool, as_json: bool) -> None:
     """List registered artifacts, newest first."""
-    with _reg().session() as s:
+    with _reg().read_session() as s:
         items = [catalog.summary(s, a) for a in catalog.list_artifacts(s, kind, deleted)]
     render.emit_json(items) if as_json else render.artifact_list(items)
 
@@ -286,20 +318,25 @@ def show(ref: str, as_json: bool) -> None:
 @click.option("--quick", is_flag=True, help="Compare stat stamps only (size, mtime, inode); reads no bytes.")
 @click.option("--upstream", is_flag=True, help="Compare pulled artifacts with the hub's hashes for their pinned "
                                                "commit, and say whether the branch has moved since.")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="Token for --upstream (default: HF_TOKEN).")
+@click.option("--endpoint", help="Hub or mirror to ask with --upstream, trusted for this command (default: the "
+                                 "one each artifact was pulled from).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Token for --upstream, sent to --endpoint "
+              "(default: HF_ENDPOINT, else the public hub) only (default token: HF_TOKEN).")
 @detach_option
 @json_option
-def verify(refs: tuple[str, ...], all_: bool, quick: bool, upstream: bool, token_file: str | None, detach: bool,
-           as_json: bool) -> None:
+def verify(refs: tuple[str, ...], all_: bool, quick: bool, upstream: bool, endpoint: str | None,
+           token_file: str | None, detach: bool, as_json: bool) -> None:
     """Re-hash every file of the artifacts against their manifests; exit 1 on any failure."""
     if not refs and not all_:
         raise BadInput("name at least one artifact to verify, or pass --all")
     if upstream:
-        return _verify_upstream(refs, token_file, as_json)
-    with _reg().session() as s:  # resolve now so the dedup key names digests, not movable tags
-        digests = sorted({catalog.resolve(s, r).digest for r in refs})
-    params = {"refs": digests, "all": all_, "quick": quick}
-    job = _run("verify", params, f"verify:{'all' if all_ else ','.join(digests)}:{quick}", detach, as_json)
+        return _verify_upstream(refs, all_, endpoint, token_file, as_json)
+    if endpoint or token_file:
+        raise BadInput("--endpoint and --token-file go with --upstream")
+    with _reg().session() as s:  # resolve once: the job names these artifacts by id, not a movable tag or digest
+        ids = sorted({catalog.resolve(s, r).id for r in refs})
+    params = {"artifact_ids": ids, "all": all_, "quick": quick}
+    job = _run("verify", params, f"verify:{'all' if all_ else ','.join(map(str, ids))}:{quick}", detach, as_json)
     if job is None:
         return
     reports = job.result["artifacts"]
@@ -309,28 +346,86 @@ def verify(refs: tuple[str, ...], all_: bool, quick: bool, upstream: bool, token
         sys.exit(job.exit_code or 1)
 
 
-def _verify_upstream(refs: tuple[str, ...], token_file: str | None, as_json: bool) -> None:
-    from . import hub
-    from .upstream import check_upstream
+def _verify_upstream(refs: tuple[str, ...], all_: bool, endpoint: str | None, token_file: str | None,
+                     as_json: bool) -> None:
+    """Compare with the hub. A stored endpoint gets a token only when this host trusts it (config.toml, the
+    public hub, HF_ENDPOINT) or the user names it here with --endpoint."""
+    from .upstream import check_all, check_upstream
 
-    token = hub.read_token(token_file)
-    checks = [check_upstream(_reg(), ref, token) for ref in refs]
-    render.emit_json([c.to_dict() for c in checks]) if as_json else render.upstream_reports(checks)
-    if not all(c.ok for c in checks):
+    if refs and all_:
+        raise BadInput("give artifact names or --all, not both")
+    url = _trust_command_line_endpoint(endpoint, token_file) if endpoint or token_file else None
+    config = _worker_config()
+    if all_:
+        checks = check_all(_reg(), endpoint and url, config)
+    else:
+        checks = [check_upstream(_reg(), ref, endpoint and url, config) for ref in refs]
+    if as_json:
+        render.emit_json([c.to_dict() for c in checks])
+    else:
+        for c in checks:
+            if c.skipped or c.error:
+                click.echo(f"{c.name}: {'skipped, ' + c.skipped if c.skipped else 'ERROR ' + c.error}")
+        render.upstream_reports([c for c in checks if c.status in ("ok", "differs")])
+        if all_:
+            counts = {st: sum(c.status == st for c in checks) for st in ("ok", "differs", "error", "skipped")}
+            click.echo(f"{len(checks)} artifacts: " + ", ".join(f"{n} {st}" for st, n in counts.items()))
+    if any(c.status in ("differs", "error") for c in checks):
         sys.exit(1)
 
 
 @cli.command()
 @click.argument("ref")
-@click.option("--format", "fmt", type=click.Choice(["json", "sha256sum"]), default="json", show_default=True)
-def manifest(ref: str, fmt: str) -> None:
-    """Print an artifact's canonical manifest (its digest is the SHA-256 of these bytes).
+@detach_option
+@json_option
+def repair(ref: str, detach: bool, as_json: bool) -> None:
+    """Re-verify an artifact and restore its missing or damaged files from its source.
 
-    `--format sha256sum` prints lines that `sha256sum -c` accepts inside an exported folder.
+    A pulled artifact re-downloads them from its endpoint and commit (the endpoint must be trusted: the
+    public hub, HF_ENDPOINT or config.toml); an imported one re-reads them from its source folder when they
+    still have the content that was imported. Exit 1 when a file cannot be restored.
+    """
+    from .repair import resolve_for_repair
+
+    with _reg().session() as s:  # resolve now: the job names the artifact by id, never by a movable ref
+        artifact = resolve_for_repair(s, ref)
+        params = {"artifact_id": artifact.id, "name": artifact.name}
+    job = _run("repair", params, f"repair:{artifact.id}", detach, as_json)
+    if job is None:
+        return
+    r = job.result
+    if as_json:
+        render.emit_json({"job": job.id, **r})
+    else:
+        click.echo(f"{r['name']} {r['digest'][:19]}: {len(r['damaged'])} of {r['files_checked']} files damaged")
+        cannot = {u["path"]: u["reason"] for u in r["unrestorable"]}
+        for d in r["damaged"]:
+            line = f"CANNOT      {d['path']}: {cannot[d['path']]}" if d["path"] in cannot \
+                else f"restored    {d['path']} (was {d['status'].replace('_', ' ')})"
+            click.echo(f"  {line}")
+        click.echo(f"{r['name']} is {r['status']}" + (f"; {r['hint']}" if r["hint"] else ""))
+    if job.state != "succeeded":
+        click.echo(f"error: {job.error}", err=True)
+        sys.exit(job.exit_code or 1)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--format", "fmt", type=click.Choice(["json", "sha256sum"]), default="json", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print {digest, manifest, metadata, provenance} as JSON.")
+def manifest(ref: str, fmt: str, as_json: bool) -> None:
+    """Print an artifact's canonical manifest: its kind and files (its digest is the SHA-256 of these bytes).
+
+    `--format sha256sum` prints lines that `sha256sum -c` accepts inside an exported folder. `--json` adds the
+    metadata and provenance, which are not part of the digest.
     """
     with _reg().session() as s:
-        data = catalog.artifact_manifest(catalog.resolve(s, ref))
-    if fmt == "sha256sum":
+        artifact = catalog.resolve(s, ref)
+        data = catalog.artifact_manifest(artifact)
+        extra = {"digest": artifact.digest, "metadata": artifact.meta, "provenance": artifact.provenance}
+    if as_json:
+        render.emit_json({"manifest": data, **extra})
+    elif fmt == "sha256sum":
         click.echo(sha256sum_lines(data), nl=False)
     else:
         # No newline in a pipe, so `registry manifest REF | sha256sum` prints the artifact's digest.
@@ -340,9 +435,14 @@ def manifest(ref: str, fmt: str) -> None:
 @cli.command()
 @click.argument("ref")
 @click.argument("dest", type=click.Path(path_type=Path))
-@click.option("--copy", is_flag=True, help="Write independent, writable copies instead of hardlinks.")
+@click.option("--copy", is_flag=True, help="Write independent, writable files: reflinks where the file system "
+                                           "supports them (no extra space), else copies; never hardlinks.")
 def export(ref: str, dest: Path, copy: bool) -> None:
-    """Write an artifact to a new folder that transformers' from_pretrained loads."""
+    """Write an artifact to a new folder that transformers' from_pretrained loads.
+
+    Each file is a reflink (copy-on-write, on btrfs/xfs) where possible, else a hardlink to the store's
+    read-only blob, else a copy.
+    """
     from .export import export_artifact
 
     click.echo(str(export_artifact(_reg(), ref, dest, copy)))
@@ -380,12 +480,17 @@ def rm(ref: str, force: bool) -> None:
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+@click.option("--all-temp", is_flag=True, help="Also delete partial pull downloads kept for resuming "
+                                               "(default: kept for REGISTRY_PARTIAL_TTL seconds, 24 h).")
 @json_option
-def gc(dry_run: bool, as_json: bool) -> None:
-    """Delete blobs no artifact references, stale temporary files and stale snapshots."""
+def gc(dry_run: bool, all_temp: bool, as_json: bool) -> None:
+    """Delete blobs no artifact references, stale temporary files and stale snapshots.
+
+    Safe beside running imports, pulls and jobs: blobs they are using are pinned and kept.
+    """
     from .gc import collect_garbage
 
-    report = collect_garbage(_reg(), dry_run)
+    report = collect_garbage(_reg(), dry_run, all_temp=all_temp)
     if as_json:
         render.emit_json(report.to_dict())
         return
@@ -393,6 +498,50 @@ def gc(dry_run: bool, as_json: bool) -> None:
     click.echo(f"{verb} {render.human_size(report.bytes_freed)} ({report.bytes_freed} bytes): "
                f"{len(report.blobs)} blobs, {len(report.temp_files)} temporary files, "
                f"{len(report.snapshots)} snapshots")
+    if report.partials_kept and not all_temp:
+        click.echo(f"kept {len(report.partials_kept)} partial downloads for resuming a pull; "
+                   "registry gc --all-temp deletes them")
+
+
+@cli.command()
+@click.option("--rebuild-catalog", is_flag=True, help="Rebuild artifacts, files, blobs, tags and lineage into an "
+                                                      "empty catalog from the records kept in the store.")
+@click.option("--write-records", is_flag=True, help="Write the store records that are missing (catalogs from "
+                                                    "before records were kept).")
+@json_option
+def fsck(rebuild_catalog: bool, write_records: bool, as_json: bool) -> None:
+    """Check the catalog against the store (missing blobs, artifacts without records, records without artifacts).
+
+    Exit 1 when they disagree. Every artifact's record is kept in the store, so a lost catalog can be rebuilt:
+    point REGISTRY_DATABASE_URL at an empty database (or remove the SQLite file) and run --rebuild-catalog.
+    """
+    from . import fsck as checks
+
+    reg = _reg()
+    reg.check_catalog = False  # this is the command that inspects and rebuilds a lost catalog
+    if rebuild_catalog and write_records:
+        raise BadInput("give --rebuild-catalog or --write-records, not both")
+    if rebuild_catalog:
+        rebuilt = checks.rebuild_catalog(reg)
+        if as_json:
+            render.emit_json(rebuilt.to_dict())
+        else:
+            click.echo(f"rebuilt {len(rebuilt.artifacts)} artifacts, {rebuilt.edges} lineage edges and {rebuilt.tags} "
+                       "tags from the store's records; run registry verify --all to re-hash their blobs")
+            for name in rebuilt.incomplete:
+                click.echo(f"incomplete: {name} (some of its blobs are not in the store)")
+            for name in rebuilt.skipped:
+                click.echo(f"skipped: {name} (its record is missing or damaged)")
+        if rebuilt.skipped or rebuilt.incomplete:
+            sys.exit(1)
+        return
+    report = checks.check(reg, write_records)
+    if as_json:
+        render.emit_json(report.to_dict())
+    else:
+        render.fsck_report(report)
+    if not report.ok:
+        sys.exit(1)
 
 
 @cli.command("jobs")
@@ -401,7 +550,7 @@ def gc(dry_run: bool, as_json: bool) -> None:
 @json_option
 def jobs_(state: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
-    with _reg().session() as s:
+    with _reg().read_session() as s:
         items = [jobs.job_dict(j) for j in jobs.list_jobs(s, state, limit)]
     if as_json:
         render.emit_json(items)
@@ -414,7 +563,7 @@ def jobs_(state: str | None, limit: int, as_json: bool) -> None:
 @json_option
 def job(job_id: int, as_json: bool) -> None:
     """Show one job: state, attempts, progress, result or error."""
-    with _reg().session() as s:
+    with _reg().read_session() as s:
         data = jobs.job_dict(jobs.get(s, job_id))
     render.emit_json(data) if as_json else render.job_details(data)
 
@@ -434,22 +583,30 @@ def cancel(job_id: int) -> None:
 @click.option("--lease", default=jobs.DEFAULT_LEASE_SECONDS, show_default=True,
               help="Seconds a claimed job stays ours without a heartbeat.")
 @click.option("--poll", default=1.0, show_default=True, help="Seconds between looks at an empty queue.")
-def worker(once: bool, lease: float, poll: float) -> None:
-    """Run one worker: claim queued jobs and run them until stopped (SIGTERM finishes the current job)."""
-    from workers import worker_loop
+@click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds the current job may take to finish after SIGTERM/SIGINT before it is re-queued.")
+def worker(once: bool, lease: float, poll: float, grace: float) -> None:
+    """Run one worker: claim queued jobs and run them until stopped.
+
+    SIGTERM or Ctrl-C stops claiming and lets the current job finish (up to --grace seconds); a second one,
+    or the grace running out, puts the job back in the queue for another worker and exits with code 130.
+    """
+    from .errors import WorkerStopped
+    from .workers import worker_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     reg = _reg()
     reg.init()
     try:
-        ran = worker_loop(reg, lease_seconds=lease, poll_seconds=poll, once=once)
-    except KeyboardInterrupt:
-        return
+        ran = worker_loop(reg, lease_seconds=lease, poll_seconds=poll, once=once, grace_seconds=grace)
+    except WorkerStopped as exc:
+        click.echo(f"{exc}; it is queued again for another worker", err=True)
+        sys.exit(130)
     click.echo(f"worker ran {ran} job(s)", err=True)
 
 
 def main() -> None:
-    """Console entry point: runs the CLI and renders every RegistryError as one line with its exit code."""
+    """Console entry point: every error becomes one `error: ...` line on stderr and a documented exit code."""
     try:
         cli.main(standalone_mode=False)
     except RegistryError as exc:
@@ -458,8 +615,15 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:  # plain `registry`: the help is the answer
         exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = f"; see {exc.ctx.command_path} --help" if exc.ctx else ""
+        click.echo(f"error: {_one_line(_lower_first(exc.format_message())).rstrip('.')}{where}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        click.echo(f"error: {_one_line(_lower_first(exc.format_message()))}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -468,6 +632,26 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # a bug or an unforeseen condition: one line, the traceback only on request
+        message = _one_line(str(exc))
+        line = f"error: {type(exc).__name__}{': ' + message if message else ''}"
+        if _debug:
+            traceback.print_exc()
+            click.echo(line, err=True)
+        else:
+            click.echo(f"{line} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+def _one_line(message: str) -> str:
+    """The first line of a message (database drivers append SQL and links on further lines)."""
+    lines = message.strip().splitlines()
+    return lines[0] + (" ..." if len(lines) > 1 else "") if lines else ""
+
+
+def _lower_first(message: str) -> str:
+    """click says 'No such option'; every other error line starts in lower case."""
+    return message[0].lower() + message[1:] if message[:2].istitle() else message
 
 
 if __name__ == "__main__":

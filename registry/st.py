@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .errors import BadInput
 from .folder import read_safetensors_header
 
 ST_TO_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -37,7 +38,10 @@ class SafetensorsFile:
         """One tensor, read into a fresh buffer (one copy, no memory map)."""
         info = self.header[name]
         begin, end = info["data_offsets"]
-        dtype = ST_TO_TORCH[info["dtype"]]
+        dtype = ST_TO_TORCH.get(info["dtype"])
+        if dtype is None:  # a valid safetensors dtype (F8, F4, unsigned ints) that this code cannot compute with
+            raise BadInput(f"{self.rel}: tensor {name!r} is {info['dtype']}, which is not supported here "
+                           f"(supported: {', '.join(ST_TO_TORCH)})")
         if end == begin:
             return torch.empty(info["shape"], dtype=dtype)
         buf = bytearray(end - begin)

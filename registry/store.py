@@ -222,8 +222,14 @@ class LocalStore:
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def ingest_file(self, source: Path, link: bool = False, progress: ProgressFn | None = None) -> Ingested:
-        """Add a file's content to the store; with `link`, hardlink it instead of copying when possible."""
+    def ingest_file(self, source: Path, link: bool = False, progress: ProgressFn | None = None,
+                    replace: bool = False) -> Ingested:
+        """Add a file's content to the store; with `link`, hardlink it instead of copying when possible.
+
+        With `replace`, a present blob of the same digest is overwritten (repair of a damaged blob file)."""
+        if replace:
+            with open(source, "rb", buffering=0) as src, BlobWriter(self, replace=True) as w:
+                return w.copy_from(src, progress)
         if link:
             linked = self._ingest_link(Path(source), progress)
             if linked is not None:
@@ -234,13 +240,7 @@ class LocalStore:
     def ingest_stream(self, stream: BinaryIO, progress: ProgressFn | None = None) -> Ingested:
         """Copy a stream into the store, hashing it in the same pass."""
         with self.writer() as w:
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            while n := stream.readinto(buf):
-                w.write(view[:n])
-                if progress:
-                    progress(n)
-            return w.finish()
+            return w.copy_from(stream, progress)
 
     def writer(self) -> "BlobWriter":
         """A new blob written piece by piece (hashed as it is written); call finish() to publish it."""
@@ -274,22 +274,31 @@ class LocalStore:
             return found
         with open(source, "rb") as f:  # the store's copy is this inode: make its data durable first
             os.fsync(f.fileno())
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        tmp_path = self._tmp / f"link-{os.urandom(8).hex()}"
-        try:
-            os.link(source, tmp_path)
-        except OSError as exc:
-            if exc.errno in _NO_LINK:
-                return None  # another file system: fall back to a copy
-            raise
-        return self._publish(tmp_path, sha, size, pinned=True)
+        # The link is made in a locked scratch folder: gc must not take it for a stale temp file (it has
+        # the source's times, which may be months old).
+        with self.scratch_dir("link") as scratch:
+            tmp_path = scratch / "blob"
+            try:
+                os.link(source, tmp_path)
+            except OSError as exc:
+                if exc.errno in _NO_LINK:
+                    return None  # another file system: fall back to a copy
+                raise
+            if StatStamp.of(tmp_path) != before:  # written to between hashing and linking
+                raise OperationFailed(f"{source} changed while it was being imported; import it again")
+            return self._publish(tmp_path, sha, size, pinned=True)
 
-    def _publish(self, tmp_path: Path, sha: str, size: int, pinned: bool = False) -> Ingested:
-        """Move a complete, fsynced file whose digest is known into the store (or drop it if present)."""
+    def _publish(self, tmp_path: Path, sha: str, size: int, pinned: bool = False,
+                 replace: bool = False) -> Ingested:
+        """Move a complete, fsynced file whose digest is known into the store (or drop it if present).
+
+        `replace` puts it over a blob file that is present but damaged (repair): the new content hashes to
+        `sha`, so the swap is one atomic rename and readers see either the old file or the good one.
+        """
         if not pinned:
             self._pin(sha)
         dest = self.path(sha)
-        if dest.exists():
+        if dest.exists() and not replace:
             tmp_path.unlink(missing_ok=True)
             return Ingested(sha, size, False, StatStamp.of(dest))
         _durable_mkdir(dest.parent)
@@ -368,10 +377,17 @@ class LocalStore:
         """A private folder in the store's temp area, on the store's file system (so results can be
         renamed in); held by a lock so gc leaves it alone while we live, and removed on exit."""
         self._tmp.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(dir=self._tmp, prefix=f"{prefix}-"))
-        lock = open(path / LOCK_NAME, "wb")
-        try:
+        while True:  # made, then locked: if gc took the folder in between, make another (see _TempFile)
+            path = Path(tempfile.mkdtemp(dir=self._tmp, prefix=f"{prefix}-"))
+            try:
+                lock = open(path / LOCK_NAME, "wb")
+            except FileNotFoundError:
+                continue
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if _still_named(path / LOCK_NAME, lock):
+                break
+            lock.close()
+        try:
             yield path
         finally:
             lock.close()
@@ -404,8 +420,8 @@ class LocalStore:
 class BlobWriter:
     """Writes a blob into a locked temporary file, hashing in the same pass; nothing is left if not finished."""
 
-    def __init__(self, store: LocalStore):
-        self.store = store
+    def __init__(self, store: LocalStore, replace: bool = False):
+        self.store, self.replace = store, replace
         self.digest = hashlib.sha256()
         self.size = 0
 
@@ -420,6 +436,16 @@ class BlobWriter:
         self.digest.update(data)
         self.size += len(data)
 
+    def copy_from(self, stream: BinaryIO, progress: ProgressFn | None = None) -> Ingested:
+        """Write a whole stream and publish it."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := stream.readinto(buf):
+            self.write(view[:n])
+            if progress:
+                progress(n)
+        return self.finish()
+
     def finish(self) -> Ingested:
         """fsync and move the blob into the store."""
         try:
@@ -429,7 +455,7 @@ class BlobWriter:
         if os.fstat(self.file.fileno()).st_size != self.size:
             raise OperationFailed(f"the store wrote {os.fstat(self.file.fileno()).st_size} of {self.size} bytes; "
                                   "check the disk and try again")
-        return self.store._publish(self.path, self.digest.hexdigest(), self.size)
+        return self.store._publish(self.path, self.digest.hexdigest(), self.size, replace=self.replace)
 
     def __exit__(self, *exc) -> None:
         self._temp.__exit__(*exc)
@@ -458,13 +484,14 @@ class PartialDownload:
                 pass
             fh.close()  # published or removed by gc meanwhile; look again
 
-    def publish(self, sha256: str, size: int) -> Ingested:
-        """fsync the complete, verified file and move it into the store as blob `sha256`."""
+    def publish(self, sha256: str, size: int, replace: bool = False) -> Ingested:
+        """fsync the complete, verified file and move it into the store as blob `sha256` (over a damaged
+        blob file with `replace`)."""
         try:
             os.fsync(self.file.fileno())
         except OSError as exc:
             raise _disk_error(exc) from None
-        return self.store._publish(self.path, sha256, size)
+        return self.store._publish(self.path, sha256, size, replace=replace)
 
     def __exit__(self, *exc) -> None:
         self.file.close()
@@ -473,23 +500,35 @@ class PartialDownload:
 class _TempFile:
     """Context manager: an exclusively locked temp file; deleted on exit if it still exists.
 
-    mkstemp and flock are two steps; gc never takes a temp file younger than gc.TEMP_MIN_AGE, so the
-    moment between them is safe (see gc.py)."""
+    mkstemp and flock are two steps, so after locking we check the name is still our file: gc removes a
+    temp file only while holding its lock, so once we hold it and the name is ours, gc cannot take it;
+    if gc took it in between, we simply make another."""
 
     def __init__(self, tmp_dir: Path):
         self.tmp_dir = tmp_dir
 
     def __enter__(self) -> tuple[Path, BinaryIO]:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="ingest-")
-        self.path = Path(name)
-        self.file = os.fdopen(fd, "wb", buffering=0)
-        fcntl.flock(self.file, fcntl.LOCK_EX)  # gc skips temp files that a live process holds locked
-        return self.path, self.file
+        while True:
+            fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="ingest-")
+            self.path = Path(name)
+            self.file = os.fdopen(fd, "wb", buffering=0)
+            fcntl.flock(self.file, fcntl.LOCK_EX)  # gc skips temp files that a live process holds locked
+            if _still_named(self.path, self.file):
+                return self.path, self.file
+            self.file.close()
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)  # before closing: while locked, gc cannot be looking at it
         self.file.close()
+
+
+def _still_named(path: Path, file: BinaryIO) -> bool:
+    """True when `path` still names the open file (gc did not remove it before we locked it)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _held(path: Path) -> bool:

@@ -145,7 +145,14 @@ def test_export_loads_with_transformers_and_passes_sha256sum(home, tiny_model, t
     copied = tmp_path / "copied"
     run_cli("export", "tiny", str(copied), "--copy")
     assert (copied / "config.json").stat().st_ino != (dest / "config.json").stat().st_ino
-    assert os.access(copied / "config.json", os.W_OK)
+    assert _run_unprivileged("sh", "-c", 'printf x >> "$1"', "sh", str(copied / "config.json")).returncode == 0
+    run_cli("verify", "tiny")  # writing the copy left the store's blob as it was
+
+
+def _run_unprivileged(*command: str) -> subprocess.CompletedProcess:
+    """Run a command as a user without root's power to write anything (root minus CAP_DAC_OVERRIDE)."""
+    drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"] if os.geteuid() == 0 else []
+    return subprocess.run([*drop, *command], capture_output=True)
 
 
 def test_path_gives_stable_read_only_snapshot(home, tiny_model):
@@ -154,7 +161,11 @@ def test_path_gives_stable_read_only_snapshot(home, tiny_model):
     run_cli("import", str(tiny_model), "--name", "tiny")
     first = run_cli("path", "tiny").stdout.strip()
     assert run_cli("path", "tiny").stdout.strip() == first
-    assert not os.access(os.path.join(first, "config.json"), os.W_OK) or os.geteuid() == 0
+    config = os.path.join(first, "config.json")
+    before = open(config, "rb").read()
+    assert _run_unprivileged("sh", "-c", 'printf x >> "$1"', "sh", config).returncode != 0
+    assert _run_unprivileged("touch", os.path.join(first, "new.txt")).returncode != 0
+    assert open(config, "rb").read() == before and sorted(os.listdir(first)) == sorted(os.listdir(tiny_model))
     assert oct(os.stat(first).st_mode & 0o777) == "0o555"
     assert oct(os.stat(os.path.join(first, "config.json")).st_mode & 0o777) == "0o444"
     AutoModelForCausalLM.from_pretrained(first)
@@ -185,8 +196,10 @@ def test_tag_moves_and_resolves(home, tiny_model, tmp_path):
     a = cli_json("import", str(tiny_model), "--name", "tiny")
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
-    (other / "config.json").write_text((tiny_model / "config.json").read_text().replace("llama", "llama", 1) + "\n")
+    config = json.loads((tiny_model / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "note": "v2"}))
     b = cli_json("import", str(other), "--name", "tiny-v2")
+    assert b["digest"] != a["digest"]
     run_cli("tag", "tiny", "tiny:prod")
     assert cli_json("show", "tiny:prod")["digest"] == a["digest"]
     moved = run_cli("tag", "tiny-v2", "tiny:prod").stdout
@@ -218,6 +231,7 @@ def test_gc_removes_stale_temp_files(home, tiny_model):
     run_cli("import", str(tiny_model), "--name", "tiny")
     stale = home / "tmp" / "ingest-crashed"
     stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (os.path.getmtime(stale) - 600,) * 2)  # gc leaves temp files of the last 2 minutes alone
     report = cli_json("gc")
     assert report["temp_files"] == ["ingest-crashed"] and report["bytes_freed"] == 1000
     assert not stale.exists()

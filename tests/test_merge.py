@@ -258,3 +258,19 @@ def test_refusals(home, bases, tmp_path):
     run_cli("import", str(quant), "--name", "quant")
     assert "is quantized; merge into the full-precision base" in _error(run_cli("merge", "quant", "good", check=2))
     assert [a["name"] for a in cli_json("list", "--kind", "merged")] == ["from-safetensors", "from-pickle"]
+
+
+def test_merge_that_registers_nothing_leaves_no_pins(home, bases, tmp_path):
+    # The merge writes its shards into the store (pinned, so gc keeps them), then its name is refused at
+    # registration: when the job ends its pins go too, so the next gc may free the unregistered shards.
+    from registry import Registry
+    from registry.models import BlobPin
+
+    adapter = make_peft_adapter(bases["llama"], tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    run_cli("import", str(bases["llama"]), "--name", "base")
+    run_cli("import", str(adapter), "--name", "lora", "--base", "base")
+    proc = run_cli("merge", "base", "lora", "--name", "base", check=2)
+    assert "already used" in proc.stderr
+    reg = Registry()
+    with reg.session() as s:
+        assert s.query(BlobPin).count() == 0

@@ -96,7 +96,8 @@ def test_second_revision_transfers_no_weight_bytes(hubp, tiny_model_template):
     second = cli_json("pull", "acme/tiny")
     assert hubp.proxy.weight_bytes() == 0
     assert set(hubp.proxy.sent) == {"config.json"}  # only the changed file crossed the wire
-    assert second["name"] == f"acme/tiny@{hubp.first[:12]}" or first["name"] != second["name"]
+    # The name is taken by the first commit's artifact, so this one is named after its own commit.
+    assert first["name"] == "acme/tiny" and second["name"] == f"acme/tiny@{hubp.second[:12]}"
     tagged = cli_json("pull", "acme/tiny@v1")
     assert tagged["digest"] == first["digest"] and tagged["tag"] == "acme/tiny:v1"
 
@@ -205,6 +206,8 @@ def test_token_needed_lacking_and_never_stored(hubp, home, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
     run_cli("pull", "acme/big", "--token-file", str(token_file), "--detach")
+    # A worker never reads a token file named by a job: its own config.toml gives the endpoint's token.
+    (home / "config.toml").write_text(f'[[endpoints]]\nurl = "{hubp.url}"\ntoken_file = "{token_file}"\n')
     worker = run_cli("worker", "--once", env={"HF_TOKEN": ""})
     assert token not in worker.stdout + worker.stderr
     assert [a["name"] for a in cli_json("list", "--kind", "base")].count("acme/big") == 1
@@ -252,7 +255,8 @@ def test_verify_upstream_reports_mismatch_and_moved_branch(hubp, home):
     out = run_cli("verify", "--upstream", "acme/moving").stdout
     assert "matches the hub" in out and "main still points at" in out
     repo = hubp.mirrors / "models" / "acme" / "moving"
-    new = commit_change(repo, "generation_config.json", b'{"note": "new"}')
+    # The hub is shared by the session (this test runs once per backend): a note of its own makes a new commit.
+    new = commit_change(repo, "generation_config.json", json.dumps({"note": str(home)}).encode())
     out = run_cli("verify", "--upstream", "acme/moving").stdout
     assert f"main has moved: pinned" in out and new[:12] in out
     sha = {f["path"]: f["sha256"] for f in cli_json("show", "acme/moving")["file_list"]}["config.json"]
@@ -265,6 +269,7 @@ def test_verify_upstream_reports_mismatch_and_moved_branch(hubp, home):
     assert report[0]["moved"] is True
 
 
+@pytest.mark.sqlite_only  # it points the catalog at its own SQLite file on another disk
 def test_disk_full_keeps_partial_registers_nothing(hubp, small_fs, monkeypatch, tmp_path):
     monkeypatch.setenv("REGISTRY_HOME", str(small_fs / "home"))
     monkeypatch.setenv("REGISTRY_DATABASE_URL", f"sqlite:///{tmp_path / 'catalog.db'}")
@@ -284,3 +289,12 @@ def test_include_exclude_name_and_kind(hubp):
     assert set(hubp.proxy.sent) == files  # nothing else was downloaded
     proc = run_cli("pull", "acme/tiny", "--include", "*.gguf", check=2)
     assert "no files matching --include/--exclude" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["notes\n.txt", "ansi\x1b[2J.txt", "sub\tdir/notes.txt"])
+def test_listing_with_control_characters_refused(hubp, home, name):
+    hubp.proxy.tree_extra = [{"type": "file", "path": name, "size": 4, "oid": "0" * 40}]
+    proc = run_cli("pull", "acme/tiny", check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: acme/tiny@{hubp.second[:12]} lists an unsafe file name {name!r}; refusing the whole pull"]
+    assert hubp.proxy.sent == {} and cli_json("list") == []
