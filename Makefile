@@ -28,9 +28,12 @@ $(OLAH_VENV)/bin/olah-cli:
 	$(PYTHON) -m venv $(OLAH_VENV)
 	$(OLAH_VENV)/bin/pip install -q olah
 
+# strace lets a test check which paths the store fsyncs.
 test-deps: $(OLAH_VENV)/bin/olah-cli
 	command -v git-lfs >/dev/null || (apt-get update -q && apt-get install -y -q git-lfs) || \
 	  (echo "install git-lfs for the LFS pull test" >&2; exit 1)
+	command -v strace >/dev/null || (apt-get update -q && apt-get install -y -q strace) || \
+	  (echo "install strace for the fsync test" >&2; exit 1)
 
 # GPTQModel wants to know how many CPU workers it may use; a 2-core machine needs 2.
 test: venv test-deps services

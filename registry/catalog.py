@@ -310,7 +310,8 @@ def remove_artifact(session: Session, ref: str, force: bool = False) -> Artifact
         after_commit(session, ("artifact", name), lambda: _forget(store, name, tag_names))
     artifact.files = []
     artifact.status = "deleted"
-    record_event(session, "deleted", artifact.id, name=artifact.name, digest=artifact.digest, forced=force)
+    record_event(session, "deleted", artifact.id, name=artifact.name, digest=artifact.digest, forced=force,
+                 tags=[t.name for t in tags])
     return artifact
 
 

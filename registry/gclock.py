@@ -69,7 +69,7 @@ def hold_shared(session: Session) -> None:
         return
     if not _is_sqlite(session):
         session.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": GC_LOCK_KEY})
-        session.info["gc_lock_shared"] = True
+        _held_until_transaction_ends(session, True)  # PostgreSQL releases it at commit itself
         return
     session.execute(text("SELECT 1"))  # begin (BEGIN IMMEDIATE: the write lock) before the gc lock
     path = _lock_file(session.get_bind())
@@ -77,16 +77,23 @@ def hold_shared(session: Session) -> None:
         return
     fh = open(path, "a+b")
     fcntl.flock(fh, fcntl.LOCK_SH)
-    session.info["gc_lock_shared"] = fh
-    root = session.get_transaction()
+    _held_until_transaction_ends(session, fh)
 
-    def release(sess, transaction) -> None:
-        if transaction is root:
-            held = sess.info.pop("gc_lock_shared", None)
-            if held not in (None, True):
-                held.close()
 
-    event.listen(session, "after_transaction_end", release)
+def _held_until_transaction_ends(session: Session, held) -> None:
+    session.info["gc_lock_shared"] = held
+    session.info["gc_lock_root"] = session.get_transaction()
+    if not event.contains(session, "after_transaction_end", _release_shared):  # once per session
+        event.listen(session, "after_transaction_end", _release_shared)
+
+
+def _release_shared(session: Session, transaction) -> None:
+    """Close the shared gc lock when the transaction that took it ends (commit or rollback)."""
+    if transaction is session.info.get("gc_lock_root"):
+        session.info.pop("gc_lock_root", None)
+        held = session.info.pop("gc_lock_shared", None)
+        if held not in (None, True):
+            held.close()
 
 
 class GcSection:

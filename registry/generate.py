@@ -47,6 +47,10 @@ def generate(reg: Registry, ref: str, prompt: str, chat: bool = False, max_new_t
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if device == "cuda":
+        from .quantize import resolve_device
+
+        resolve_device(device)  # no GPU here: exit 2 with the same message as quantize
     model_dir, adapter_dir = _model_dirs(reg, ref)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir) if adapter_dir and _has_tokenizer(
         adapter_dir) else AutoTokenizer.from_pretrained(model_dir)

@@ -72,22 +72,25 @@ class Downloader:
         """The store's blob for this file when its content is already there (no transfer needed)."""
         sha = f.sha256
         if sha is None:
-            with self.reg.session() as s:
-                sha = s.scalars(select(Blob.sha256).where(Blob.git_sha1 == f.git_sha1)).first()
+            with self.reg.read_session() as s:
+                sha = s.scalars(select(Blob.sha256).where(Blob.git_sha1 == f.git_sha1)
+                                .order_by(Blob.sha256)).first()
         found = self.reg.store.reuse(sha, f.size) if sha is not None else None  # pinned: gc leaves it alone
         return dataclasses.replace(found, git_sha1=f.git_sha1) if found is not None else None
 
-    def fetch(self, f: hub.RemoteFile) -> Ingested:
-        """Download one file (resuming a partial one), verify it, and publish it into the store."""
+    def fetch(self, f: hub.RemoteFile, replace: bool = False) -> Ingested:
+        """Download one file (resuming a partial one), verify it, and publish it into the store.
+
+        With `replace` (repair), the verified download goes over a damaged blob file of the same digest."""
         with self.reg.store.partial(f.key) as part:  # a second process pulling the same content waits here
             fh = part.file
-            found = self.existing(f)
+            found = None if replace else self.existing(f)
             if found is not None:
                 return found
             handle = self.reporter.file_started(f.path, f.size)
             try:
                 sha256 = self._download_verified(f, fh, handle)
-                published = part.publish(sha256, f.size)
+                published = part.publish(sha256, f.size, replace=replace)
             except DiskFull:  # say what filled the disk (our partials) and that a rerun resumes them
                 raise self.reg.store.disk_full_while_downloading(f.path) from None
             finally:

@@ -103,6 +103,8 @@ def verify_reports(reports: list[dict[str, Any]]) -> None:
         click.echo(f"{r['name']} {r['digest'][:19]}: {'ok' if r['ok'] else 'FAILED'} ({how})")
         for f in r["files"]:
             click.echo("  " + _file_line(f))
+        if r.get("also_corrupt"):
+            click.echo(f"  also marked corrupt (they share the damaged files): {', '.join(r['also_corrupt'])}")
 
 
 def _file_line(f: dict[str, Any]) -> str:
@@ -130,10 +132,14 @@ def fsck_report(r) -> None:
         click.echo(f"ORPHAN RECORD   {name} (in the store, not in the catalog)")
     for name in r.damaged_records:
         click.echo(f"DAMAGED RECORD  {name}")
+    # An empty catalog beside records is a lost catalog: rebuild it, do not overwrite the records.
+    remedy = "registry fsck --rebuild-catalog" if r.artifacts == 0 and r.records else "registry fsck --write-records"
     for tag in r.tag_mismatches:
-        click.echo(f"TAG DIFFERS     {tag} (catalog and store disagree; run registry fsck --write-records)")
+        click.echo(f"TAG DIFFERS     {tag} (catalog and store disagree; run {remedy})")
     verdict = "ok" if r.ok else "PROBLEMS FOUND"
     click.echo(f"{r.artifacts} artifacts, {r.records} records: {verdict}")
+    if r.artifacts == 0 and r.records:
+        click.echo("the catalog is empty but the store holds artifact records: run registry fsck --rebuild-catalog")
 
 
 def job_line(j: dict[str, Any]) -> list[str]:

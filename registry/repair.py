@@ -20,9 +20,9 @@ from .catalog import record_event, resolve
 from .config import WorkerConfig, load_worker_config
 from .core import Registry
 from .errors import NotFound, RegistryError
-from .models import Artifact, Blob, utcnow
+from .models import Artifact, Blob, File, utcnow
 from .progress import NullReporter, Reporter
-from .store import Ingested, hash_file
+from .store import Ingested, hash_file, remove_tree
 
 
 @dataclass
@@ -89,6 +89,8 @@ def repair(reg: Registry, artifact_id: int, reporter: Reporter | None = None,
         result.hint = "run the merge or quantize that made it again, under a new name"
     result.restored = sorted(p for sha in restored for p in wanted[sha])
     _record(reg, result, restored, job_id)
+    if restored:
+        drop_snapshots_of_blobs(reg, restored)
     return result
 
 
@@ -162,9 +164,8 @@ def _from_hub(reg: Registry, config: WorkerConfig, target: _Target, wanted: dict
     try:
         reporter.start(sum(sizes[sha] for sha in fetch), "B", f"repairing {target.name}")
         for sha, rf in fetch.items():
-            reg.store.delete(sha)  # the damaged file would otherwise count as present and be kept
-            try:
-                got = downloader.fetch(rf)
+            try:  # verified, then renamed over the damaged file: it is never missing meanwhile
+                got = downloader.fetch(rf, replace=True)
             except RegistryError as exc:
                 result.unrestorable += [{"path": p, "reason": str(exc)} for p in wanted[sha]]
                 continue
@@ -206,12 +207,23 @@ def _restore_one(reg: Registry, config: WorkerConfig, candidate: Path, sha: str,
     actual, _ = hash_file(resolved)  # read first: the damaged blob stays unless the source really matches
     if actual != sha:
         return f"{candidate} has changed since it was imported (sha256 {actual}, the manifest records {sha})"
-    reg.store.delete(sha)
-    got = reg.store.ingest_file(resolved)
+    got = reg.store.ingest_file(resolved, replace=True)  # renamed over the damaged file only if it matches
     if got.sha256 != sha:
         return f"{candidate} changed while it was being read; run registry repair again"
     restored[sha] = got
     return None
+
+
+def drop_snapshots_of_blobs(reg: Registry, shas) -> None:
+    """Remove snapshot folders that hold any of these blobs: a snapshot shares the damaged file's inode (or
+    copied its bytes), while the restored blob is a new file; the next `registry path` builds a fresh one."""
+    with reg.read_session() as s:
+        holders = select(File.artifact_id).where(File.sha256.in_(list(shas)))
+        digests = set(s.scalars(select(Artifact.digest).where(Artifact.id.in_(holders))))
+    for digest in sorted(digests):
+        folder = reg.settings.snapshots_dir / digest.split(":", 1)[1]
+        if folder.is_dir():
+            remove_tree(folder)
 
 
 def _record(reg: Registry, result: RepairResult, restored: dict[str, Ingested], job_id: int | None) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from .catalog import list_artifacts, load, record_event
 from .core import Registry
 from .errors import BadInput
-from .models import Artifact, Blob, utcnow
+from .models import Artifact, Blob, File, utcnow
 from .progress import NullReporter, Reporter
 from .store import StatStamp, hash_file
 
@@ -38,6 +38,8 @@ class ArtifactCheck:
     quick: bool
     bytes_read: int
     files: list[FileCheck] = field(default_factory=list)
+    # Other live artifacts marked corrupt because they share a damaged or missing blob with this one.
+    also_corrupt: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[FileCheck]:
@@ -158,8 +160,24 @@ def _record(reg: Registry, artifacts: list[Artifact], reports: list[ArtifactChec
             definite = [p for p in report.problems if p.status != "changed"]
             if definite:
                 row.status = "corrupt"
+                report.also_corrupt = _mark_sharers(s, row, {p.expected for p in definite}, job_id)
             elif report.ok and not quick and row.status == "corrupt":
                 row.status = "ready"
             kind = "verified_ok" if report.ok else "verify_failed"
             record_event(s, kind, row.id, job_id, quick=quick,
                          problems=[{"path": p.path, "status": p.status} for p in report.problems])
+
+
+def _mark_sharers(session, verified: Artifact, bad_shas: set[str], job_id: int | None) -> list[str]:
+    """Damage is a property of a blob, not of one artifact: every live artifact holding a damaged blob is
+    corrupt too (the same folder imported under two names shares all of them). Returns their names."""
+    holders = select(File.artifact_id).where(File.sha256.in_(sorted(bad_shas)))
+    sharers = session.scalars(select(Artifact).where(Artifact.id.in_(holders), Artifact.id != verified.id,
+                                                     Artifact.status != "deleted")
+                              .order_by(Artifact.name)).all()
+    for other in sharers:
+        if other.status != "corrupt":
+            other.status = "corrupt"
+            record_event(session, "marked_corrupt", other.id, job_id, by_verify_of=verified.name,
+                         blobs=sorted(bad_shas))
+    return [other.name for other in sharers]

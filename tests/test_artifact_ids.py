@@ -25,17 +25,25 @@ def _corrupt_blob(home, sha: str) -> None:
         f.write(b"XXXX")
 
 
-def test_same_digest_twice_verify_marks_only_the_named_one(db_url, tiny_model):
+def test_same_digest_twice_verify_checks_the_named_one_and_marks_every_holder(db_url, tiny_model, tmp_path):
     a = cli_json("import", str(tiny_model), "--name", "tiny")
     b = cli_json("import", str(tiny_model), "--name", "tiny2")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes())
+    cli_json("import", str(other), "--name", "weights-only")  # shares only the weights, not config.json
     assert a["digest"] == b["digest"]
     sha = {f["path"]: f["sha256"] for f in cli_json("show", "tiny2")["file_list"]}["config.json"]
     _corrupt_blob(_home(), sha)
     proc = run_cli("verify", "tiny2", check=1)
-    assert proc.stdout.startswith("tiny2 ")
+    assert proc.stdout.startswith("tiny2 ")  # the report is about the artifact named
+    assert "also marked corrupt (they share the damaged files): tiny\n" in proc.stdout
     assert cli_json("show", "tiny2")["status"] == "corrupt"
-    assert cli_json("show", "tiny")["status"] == "ready"
-    assert [e["kind"] for e in cli_json("show", "tiny")["events"]] == ["registered"]
+    # tiny holds the same damaged blob, so exporting it must not hand out the damaged bytes.
+    assert cli_json("show", "tiny")["status"] == "corrupt"
+    assert [e["kind"] for e in cli_json("show", "tiny")["events"]] == ["registered", "marked_corrupt"]
+    run_cli("export", "tiny", str(tmp_path / "out"), check=1)
+    assert cli_json("show", "weights-only")["status"] == "ready"
     job = cli_json("jobs")[0]
     assert job["type"] == "verify" and job["params"]["artifact_ids"] == [b["artifact_id"]]
 

@@ -215,8 +215,10 @@ def test_rm_then_gc_frees_bytes(home, tiny_model):
     total = sum(p.stat().st_size for p in tiny_model.iterdir())
     assert "would free" in run_cli("gc", "--dry-run").stdout
     assert cli_json("gc")["bytes_freed"] == 0
-    run_cli("rm", "tiny")
+    run_cli("tag", "tiny", "tiny:prod")
+    assert "and its tags tiny:prod;" in run_cli("rm", "tiny").stdout  # a tag going with it is said
     run_cli("show", "tiny", check=3)
+    run_cli("show", "tiny:prod", check=3)
     dry = cli_json("gc", "--dry-run")
     assert dry["bytes_freed"] == total and len(blob_files(home)) == 5
     out = run_cli("gc").stdout

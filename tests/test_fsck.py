@@ -50,6 +50,8 @@ def test_lost_catalog_is_refused_then_rebuilt_from_the_store(db_url, tiny_model,
         assert "is empty but the store" in err and f"holds {len(blobs)} blobs" in err
         assert "run `registry fsck --rebuild-catalog`, or point REGISTRY_DATABASE_URL at the right database" in err
     assert blob_files(home) == blobs  # gc deleted nothing
+    checked = run_cli("fsck", check=1).stdout  # plain fsck on the lost catalog points at the rebuild
+    assert "run registry fsck --rebuild-catalog" in checked and "--write-records" not in checked
 
     out = run_cli("fsck", "--rebuild-catalog").stdout
     assert "rebuilt 2 artifacts, 1 lineage edges and 2 tags" in out

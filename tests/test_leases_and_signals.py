@@ -247,3 +247,14 @@ def test_generate_failing_in_its_thread_exits_with_one_error_line(home, tiny_mod
     proc = run_cli("generate", "beams", "--prompt", "hello", "--max-new-tokens", "4", check=1, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: generation failed: ValueError"), proc.stderr
+
+
+def test_generate_on_cuda_without_a_gpu_is_bad_input(home, tiny_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    run_cli("import", str(tiny_model), "--name", "tiny")
+    proc = run_cli("generate", "tiny", "--prompt", "hello", "--device", "cuda", check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU is available here; use --device cpu" in lines[0], proc.stderr

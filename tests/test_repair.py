@@ -104,3 +104,20 @@ def test_detached_repair_runs_on_a_worker(db_url, home, tiny_model):
     done = cli_json("job", str(queued["job"]))
     assert done["state"] == "succeeded" and done["result"]["restored"] == ["config.json"]
     run_cli("verify", "tiny")
+
+
+def test_repair_replaces_the_damaged_file_and_stale_snapshots(db_url, home, tiny_model):
+    import hashlib
+    from pathlib import Path
+
+    run_cli("import", str(tiny_model), "--name", "tiny")
+    snapshot = Path(run_cli("path", "tiny").stdout.strip())  # shares the blob's inode
+    blob = _blob(home, "tiny", "model.safetensors")
+    good = hashlib.sha256(blob.read_bytes()).hexdigest()
+    _flip_byte(blob, 1000)  # damages the snapshot's file too: it is the same inode
+    run_cli("verify", "tiny", check=1)
+    run_cli("repair", "tiny")
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == good
+    fresh = Path(run_cli("path", "tiny").stdout.strip())
+    assert hashlib.sha256((fresh / "model.safetensors").read_bytes()).hexdigest() == good
+    assert fresh == snapshot  # same place, rebuilt from the restored blob

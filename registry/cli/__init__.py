@@ -1,0 +1,106 @@
+"""The `registry` command: a thin click layer that parses, calls one library function and renders.
+
+One module per area registers its commands on the `cli` group: artifacts (import, pull, list, show, manifest,
+export, path, tag, rm), transform (merge, quantize, generate), integrity (verify, repair, fsck, gc) and jobs
+(jobs, job, cancel, worker); common holds the helpers they share.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import click
+
+from .. import render
+from ..core import Registry
+from ..errors import EXIT_USAGE, RegistryError
+from .common import _reg, _safe_url, json_option
+
+_debug = False  # set by `registry --debug`; main() then prints the traceback of an unexpected error
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False), envvar="REGISTRY_HOME",
+              help="Registry home folder (env REGISTRY_HOME; default: per-user data folder).")
+@click.option("--database-url", envvar="REGISTRY_DATABASE_URL",
+              help="SQLAlchemy URL of the catalog (env REGISTRY_DATABASE_URL; default: SQLite in the home).")
+@click.option("--debug", is_flag=True, envvar="REGISTRY_DEBUG",
+              help="Log at DEBUG level and print the traceback of an unexpected error (env REGISTRY_DEBUG=1).")
+@click.version_option(package_name="registry")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, database_url: str | None, debug: bool) -> None:
+    """A registry for LLM weights: SHA-256 manifests, lineage, verification and jobs.
+
+    Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found.
+    """
+    global _debug
+    _debug = debug
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx.obj = Registry(home, database_url)
+
+
+@cli.command()
+@click.option("--home", type=click.Path(file_okay=False), help="Create the registry here instead.")
+@json_option
+def init(home: str | None, as_json: bool) -> None:
+    """Create the home folder and migrate the catalog database to the newest schema."""
+    database_url = click.get_current_context().find_root().params["database_url"]
+    reg = Registry(home, database_url) if home else _reg()
+    reg.init()
+    info = {"home": str(reg.home), "database_url": _safe_url(reg.settings.database_url)}
+    render.emit_json(info) if as_json else click.echo(f"registry ready at {info['home']} ({info['database_url']})")
+
+
+def main() -> None:
+    """Console entry point: every error becomes one `error: ...` line on stderr and a documented exit code."""
+    try:
+        cli.main(standalone_mode=False)
+    except RegistryError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.exceptions.NoArgsIsHelpError as exc:  # plain `registry`: the help is the answer
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = f"; see {exc.ctx.command_path} --help" if exc.ctx else ""
+        click.echo(f"error: {_one_line(_lower_first(exc.format_message())).rstrip('.')}{where}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        click.echo(f"error: {_one_line(_lower_first(exc.format_message()))}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        os._exit(0)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug or an unforeseen condition: one line, the traceback only on request
+        message = _one_line(str(exc))
+        line = f"error: {type(exc).__name__}{': ' + message if message else ''}"
+        if _debug:
+            traceback.print_exc()
+            click.echo(line, err=True)
+        else:
+            click.echo(f"{line} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+def _one_line(message: str) -> str:
+    """The first line of a message (database drivers append SQL and links on further lines)."""
+    lines = message.strip().splitlines()
+    return lines[0] + (" ..." if len(lines) > 1 else "") if lines else ""
+
+
+def _lower_first(message: str) -> str:
+    """click says 'No such option'; every other error line starts in lower case."""
+    return message[0].lower() + message[1:] if message[:2].istitle() else message
+
+
+from . import artifacts, integrity, jobs, transform  # noqa: E402,F401  (each registers its commands on `cli`)

@@ -1,0 +1,195 @@
+"""Commands on artifacts: import, pull, list, show, manifest, export, path, tag, rm."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .. import catalog, render
+from ..errors import BadInput
+from ..manifest import canonical_json, sha256sum_lines
+from ..models import KINDS
+from . import cli
+from .common import _reg, _result, _run, _trust_command_line_endpoint, _worker_config, detach_option, json_option
+
+
+@cli.command("import")
+@click.argument("folder", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="Artifact name (required for a folder; default for --hf-cache: the repo id).")
+@click.option("--kind", type=click.Choice(KINDS), help="Override the detected kind.")
+@click.option("--base", help="Ref of the base model an adapter was trained on.")
+@click.option("--link", is_flag=True, help="Hardlink files into the store instead of copying (same file system; "
+                                           "the source files become read-only).")
+@click.option("--hf-cache", "hf_cache", metavar="REPO_ID", help="Import a snapshot from a Hugging Face cache.")
+@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit with --hf-cache.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Hugging Face cache folder (default: HF_HUB_CACHE).")
+@detach_option
+@json_option
+def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detach, as_json) -> None:
+    """Register a local Hugging Face style model folder (or a cached snapshot).
+
+    \b
+    registry import ./llama-7b --name llama-7b
+    registry import ./my-lora --name my-lora --base llama-7b
+    registry import --hf-cache meta-llama/Llama-2-7b-hf
+    """
+    if hf_cache:
+        if folder is not None:
+            raise BadInput("give either a FOLDER or --hf-cache REPO_ID, not both")
+        params = {"hf_cache_repo": hf_cache, "revision": revision, "name": name,
+                  "cache_dir": cache_dir and str(Path(cache_dir).absolute())}
+    else:
+        if folder is None or not name:
+            raise BadInput("usage: registry import FOLDER --name NAME (or --hf-cache REPO_ID)")
+        params = {"folder": str(folder.absolute()), "name": name}
+    params.update(kind=kind, base=base, link=link)
+    key = "import:" + "|".join(f"{k}={params[k]}" for k in sorted(params))
+    r = _result(_run("import", params, key, detach, as_json), as_json)
+    if r is not None:
+        verb = "registered" if r["created"] else "already registered"
+        click.echo(f"{verb} {r['name']} ({r['kind']}) {r['digest']}: {r['files']} files, "
+                   f"{render.human_size(r['size'])}, {render.human_size(r['bytes_added'])} added to the store")
+
+
+@cli.command()
+@click.argument("repo")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching (repeatable).")
+@click.option("--endpoint", help="Hub or mirror URL (default: HF_ENDPOINT, else the public hub).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the access token for this "
+              "command (default: HF_TOKEN, else the huggingface_hub login; a worker uses its config.toml).")
+@click.option("--name", help="Artifact name (default: the repo id).")
+@click.option("--kind", type=click.Choice(KINDS), help="Override the detected kind.")
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 64), help="Parallel downloads.")
+@detach_option
+@json_option
+def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, detach, as_json) -> None:
+    """Download REPO_ID[@REVISION] from the hub, verifying every file as it arrives.
+
+    \b
+    registry pull meta-llama/Llama-2-7b-hf
+    registry pull org/model@v1.0 --include '*.safetensors' --include '*.json'
+    HF_ENDPOINT=https://mirror.example registry pull org/model
+    """
+    from .. import hub
+    from ..pull import pull_offline
+
+    repo_id, revision = hub.parse_repo_ref(repo)
+    if hub.offline():
+        found = pull_offline(_reg(), repo_id, revision)
+        render.emit_json(found) if as_json else click.echo(
+            f"offline: {repo_id}@{revision} is already registered as {found['name']} {found['digest']}")
+        return
+    endpoint = _trust_command_line_endpoint(endpoint, token_file)
+    if detach and token_file:
+        click.echo("warning: --token-file is used by this command only; the worker that runs the job uses the "
+                   "token its own config.toml gives this endpoint", err=True)
+    commit = hub.resolve_commit(endpoint, repo_id, revision, hub.token_for(_worker_config(), endpoint))
+    # No token and no token file in params: anyone who can queue a job can read (and write) them.
+    params = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": endpoint,
+              "include": sorted(include), "exclude": sorted(exclude), "name": name, "kind": kind,
+              "workers": workers}
+    key = "pull:" + "|".join(str(params[k]) for k in ("endpoint", "repo_id", "commit", "include", "exclude",
+                                                       "name", "kind"))
+    r = _result(_run("pull", params, key, detach, as_json), as_json)
+    if r is not None:
+        click.echo(f"pulled {r['repo_id']}@{r['commit'][:12]} as {r['name']} ({r['kind']}) {r['digest']}: "
+                   f"{r['files']} files, {render.human_size(r['size'])}; downloaded {r['files_downloaded']} files "
+                   f"({render.human_size(r['bytes_downloaded'])}), the rest was already in the store; "
+                   f"tagged {r['tag']}")
+
+
+@cli.command("list")
+@click.option("--kind", type=click.Choice(KINDS), help="Only artifacts of this kind.")
+@click.option("--deleted", is_flag=True, help="Include deleted artifacts.")
+@json_option
+def list_(kind: str | None, deleted: bool, as_json: bool) -> None:
+    """List registered artifacts, newest first."""
+    with _reg().read_session() as s:
+        items = [catalog.summary(s, a) for a in catalog.list_artifacts(s, kind, deleted)]
+    render.emit_json(items) if as_json else render.artifact_list(items)
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+def show(ref: str, as_json: bool) -> None:
+    """Show an artifact: metadata, files, lineage up and down, jobs and events.
+
+    REF is a name, a tag, or a digest prefix such as sha256:1a2b3c4d.
+    """
+    with _reg().session() as s:
+        data = catalog.details(s, catalog.resolve(s, ref))
+    render.emit_json(data) if as_json else render.artifact_details(data)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--format", "fmt", type=click.Choice(["json", "sha256sum"]), default="json", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print {digest, manifest, metadata, provenance} as JSON.")
+def manifest(ref: str, fmt: str, as_json: bool) -> None:
+    """Print an artifact's canonical manifest: its kind and files (its digest is the SHA-256 of these bytes).
+
+    `--format sha256sum` prints lines that `sha256sum -c` accepts inside an exported folder. `--json` adds the
+    metadata and provenance, which are not part of the digest.
+    """
+    with _reg().session() as s:
+        artifact = catalog.resolve(s, ref)
+        data = catalog.artifact_manifest(artifact)
+        extra = {"digest": artifact.digest, "metadata": artifact.meta, "provenance": artifact.provenance}
+    if as_json:
+        render.emit_json({"manifest": data, **extra})
+    elif fmt == "sha256sum":
+        click.echo(sha256sum_lines(data), nl=False)
+    else:
+        # No newline in a pipe, so `registry manifest REF | sha256sum` prints the artifact's digest.
+        click.echo(canonical_json(data).decode(), nl=sys.stdout.isatty())
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--copy", is_flag=True, help="Write independent, writable files: reflinks where the file system "
+                                           "supports them (no extra space), else copies; never hardlinks.")
+def export(ref: str, dest: Path, copy: bool) -> None:
+    """Write an artifact to a new folder that transformers' from_pretrained loads.
+
+    Each file is a reflink (copy-on-write, on btrfs/xfs) where possible, else a hardlink to the store's
+    read-only blob, else a copy.
+    """
+    from ..export import export_artifact
+
+    click.echo(str(export_artifact(_reg(), ref, dest, copy)))
+
+
+@cli.command()
+@click.argument("ref")
+def path(ref: str) -> None:
+    """Print a stable read-only snapshot folder of an artifact (for from_pretrained)."""
+    from ..export import snapshot_path
+
+    click.echo(str(snapshot_path(_reg(), ref)))
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("tag")
+def tag(ref: str, tag: str) -> None:
+    """Point TAG (e.g. llama-7b:prod) at an artifact, moving it if it exists."""
+    with _reg().session() as s:
+        artifact, previous = catalog.set_tag(s, ref, tag)
+    moved = f" (moved from {previous[:19]})" if previous and previous != artifact.digest else ""
+    click.echo(f"{tag} -> {artifact.name} {artifact.digest[:19]}{moved}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Remove even though other artifacts derive from it.")
+def rm(ref: str, force: bool) -> None:
+    """Remove an artifact from the catalog; its blobs are freed by `registry gc`."""
+    with _reg().session() as s:
+        tags = catalog.tags_of(s, catalog.resolve(s, ref).id)
+        artifact = catalog.remove_artifact(s, ref, force)
+    dropped = f" and its tags {', '.join(tags)}" if tags else ""
+    click.echo(f"removed {artifact.name} {artifact.digest[:19]}{dropped}; run registry gc to free its blobs")

@@ -1,0 +1,106 @@
+"""Commands that make new models from registered ones, or run them: merge, quantize, generate."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .. import catalog, render
+from . import cli
+from .common import _reg, _result, _run, detach_option, json_option
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("adapter")
+@click.option("--name", help="Name of the merged artifact (default: ADAPTER-merged).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Output dtype of float tensors (auto keeps the base's).")
+@click.option("--check", is_flag=True, help="Also run one prompt through peft (base + adapter) and the merged "
+                                            "model, and record the largest logit difference.")
+@click.option("--force", is_flag=True, help="Merge even though the adapter names another base model.")
+@click.option("--allow-pickle", is_flag=True, help="Accept an adapter_model.bin (loaded with weights_only=True).")
+@detach_option
+@json_option
+def merge(base, adapter, name, dtype, check, force, allow_pickle, detach, as_json) -> None:
+    """Fuse a LoRA ADAPTER into its BASE, tensor by tensor, exactly as peft's merge_and_unload.
+
+    \b
+    registry merge llama-7b my-lora --name llama-7b-chat
+    registry merge llama-7b my-lora --dtype bf16 --check
+    """
+    with _reg().session() as s:  # resolve once: the job names these artifacts by id, not a movable tag or digest
+        base_id, adapter_id = (catalog.require_usable(catalog.resolve(s, ref)).id for ref in (base, adapter))
+    params = {"base_id": base_id, "adapter_id": adapter_id, "name": name, "dtype": dtype, "check": check,
+              "force": force, "allow_pickle": allow_pickle}
+    key = "merge:" + "|".join(str(params[k]) for k in sorted(params))
+    r = _result(_run("merge", params, key, detach, as_json), as_json)
+    if r is None:
+        return
+    click.echo(f"merged {adapter} into {base}: {r['name']} {r['digest']} ({r['tensors_merged']} tensors merged, "
+               f"{r['tensors_replaced']} replaced, {render.human_size(r['bytes_added'])} added to the store)")
+    if r["check"]:
+        click.echo(f"check: largest logit difference against peft {r['check']['max_logit_diff']:.3g}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight: 2, 3, 4 or 8.")
+@click.option("--group-size", default=128, show_default=True, type=int, help="Columns per quantization group (-1: none).")
+@click.option("--desc-act/--no-desc-act", default=False, show_default=True, help="Quantize columns by activation order.")
+@click.option("--sym/--no-sym", default=True, show_default=True, help="Symmetric quantization.")
+@click.option("--calibration", type=click.Path(dir_okay=False), help=".txt (a sample per paragraph) or .jsonl "
+              "(text, or conversations); default: a built-in text.")
+@click.option("--samples", default=128, show_default=True, type=int, help="Calibration samples to use.")
+@click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per calibration sample at most.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and the engine.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--no-eval", is_flag=True, help="Skip the perplexity evaluation.")
+@click.option("--max-ppl-ratio", default=1.5, show_default=True, type=float,
+              help="Fail when quantized perplexity exceeds this multiple of the source's.")
+@click.option("--name", help="Artifact name (default: REF-gptq-intN).")
+@detach_option
+@json_option
+def quantize(ref, bits, group_size, desc_act, sym, calibration, samples, seq_len, seed, device, no_eval,
+             max_ppl_ratio, name, detach, as_json) -> None:
+    """Quantize a base or merged model to int4 (GPTQ, with GPTQModel) and evaluate it.
+
+    \b
+    registry quantize llama-7b-chat --bits 4 --group-size 128
+    registry quantize llama-7b-chat --calibration chats.jsonl --samples 256 --device cuda
+    """
+    with _reg().session() as s:  # resolve once: the job names this artifact by id, not a movable tag or digest
+        source_id = catalog.require_usable(catalog.resolve(s, ref)).id
+    options = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "samples": samples,
+               "calibration": calibration and str(Path(calibration).absolute()), "seq_len": seq_len,
+               "device": device, "seed": seed, "evaluate": not no_eval, "max_ppl_ratio": max_ppl_ratio}
+    params = {"source_id": source_id, "name": name, "options": options}
+    r = _result(_run("quantize", params, "quantize:" + json.dumps(params, sort_keys=True), detach, as_json), as_json)
+    if r is None:
+        return
+    click.echo(f"quantized {ref} into {r['name']} {r['digest']}: {render.human_size(r['size'])}")
+    if r["evaluation"]:
+        e = r["evaluation"]
+        click.echo(f"perplexity {e['perplexity_quantized']} vs {e['perplexity_source']} for the source "
+                   f"({e['perplexity_ratio']}x); weights {e['size_reduction'] * 100:.0f}% smaller")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--prompt", required=True, help="Text to continue (or, with --chat, to answer).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template (or <s>Human: ...</s><s>Assistant: ).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, 8192))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def generate(ref, prompt, chat, max_new_tokens, device) -> None:
+    """Generate text with a registered model, streaming tokens to stdout as they are produced."""
+    from ..ml import require_ml
+
+    require_ml("generate")
+    from ..generate import generate as run_generate
+
+    for piece in run_generate(_reg(), ref, prompt, chat, max_new_tokens, device):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
