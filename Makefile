@@ -37,7 +37,7 @@ test-deps: $(OLAH_VENV)/bin/olah-cli
 
 # GPTQModel wants to know how many CPU workers it may use; a 2-core machine needs 2.
 test: venv test-deps services
-	GPTQMODEL_CPU_WORKERS=$${GPTQMODEL_CPU_WORKERS:-$$(nproc)} $(BIN)/python -m pytest -q
+	GPTQMODEL_CPU_WORKERS=$${GPTQMODEL_CPU_WORKERS:-$$(nproc)} $(BIN)/python -m pytest -q --durations=25
 
 demo: venv
 	rm -rf $(DEMO_HOME) demo-model demo-export

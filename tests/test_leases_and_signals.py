@@ -162,7 +162,8 @@ def test_a_long_read_does_not_block_heartbeats_on_sqlite(home, monkeypatch):
 
 # Item 9 ------------------------------------------------------------------------------------------------------
 
-def _queue_big_verify(tmp_path, size=2 * 1024 ** 3) -> int:
+# Sparse: no disk, but hashing 8 GiB of zeros keeps the job running for seconds, long enough to signal it.
+def _queue_big_verify(tmp_path, size=8 * 1024 ** 3) -> int:
     model = _sparse_model(tmp_path / "big", size)
     run_cli("import", str(model), "--name", "big", "--link")
     return cli_json("verify", "big", "--detach")["job"]
@@ -171,8 +172,8 @@ def _queue_big_verify(tmp_path, size=2 * 1024 ** 3) -> int:
 def _start_worker_on(job: int, *args: str) -> subprocess.Popen:
     worker = subprocess.Popen([REGISTRY_BIN, "worker", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
-    deadline = time.time() + 30
-    while cli_json("job", str(job))["progress"]["done"] == 0:  # running, and hashing
+    deadline = time.time() + 120  # generous: a loaded 2-core CI machine starts processes slowly
+    while cli_json("job", str(job))["state"] != "running":  # claimed: the handler is hashing
         assert time.time() < deadline and worker.poll() is None, worker.stderr.read() if worker.poll() else ""
         time.sleep(0.05)
     return worker

@@ -79,7 +79,7 @@ def test_gc_in_a_tight_loop_beside_imports_loses_nothing(db_url, tiny_model, tmp
     run_cli("rm", "first")
     stop, gc = _start_gc_loop(tmp_path)
     try:
-        imports = subprocess.run([sys.executable, "-c", IMPORT_LOOP, str(tiny_model), "40", "60"],
+        imports = subprocess.run([sys.executable, "-c", IMPORT_LOOP, str(tiny_model), "40", "30"],
                                  capture_output=True, text=True, timeout=300)
     finally:
         runs, removed = _stop_gc_loop(stop, gc)
@@ -96,7 +96,7 @@ def test_gc_in_a_tight_loop_beside_pulls_loses_nothing(db_url, hubp, tmp_path):
     stop, gc = _start_gc_loop(tmp_path)
     try:
         pulled = []
-        for i in range(8):
+        for i in range(6):
             out = cli_json("pull", "acme/tiny", "--name", f"pulled{i}")
             pulled.append(out["name"])
             if i % 2:
@@ -104,7 +104,7 @@ def test_gc_in_a_tight_loop_beside_pulls_loses_nothing(db_url, hubp, tmp_path):
     finally:
         runs, _ = _stop_gc_loop(stop, gc)
     assert runs >= 3
-    assert len(cli_json("list")) == 4
+    assert len(cli_json("list")) == 3
     run_cli("verify", "--all")
 
 
