@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import socket
 from dataclasses import dataclass
@@ -12,10 +13,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .errors import AmbiguousRef, BadInput, Conflict, NotFound, OperationFailed
+from .gclock import check_blobs_for_registration
 from .jobs import check_fence
 from .manifest import build_manifest, manifest_digest
 from .models import KINDS, Artifact, Blob, Edge, Event, File, Job, Tag, utcnow
-from .gclock import check_blobs_for_registration
 from .store import BlobStore, Ingested
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@+]*$")
@@ -197,8 +198,6 @@ def after_commit(session: Session, key: tuple, action) -> None:
 
 
 def _run_after_commit(session: Session) -> None:
-    import logging
-
     for action in session.info.pop("after_commit", {}).values():
         try:
             action()

@@ -216,8 +216,6 @@ def translate_db_errors(settings: Settings) -> Iterator[None]:
         raise translated from None
 
 
-translate_locked = translate_db_errors  # the older name
-
 
 @contextlib.contextmanager
 def session_scope(settings: Settings, write: bool = True) -> Iterator[Session]:

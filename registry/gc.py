@@ -5,10 +5,11 @@ no file references and no running ingest has pinned, then deletes their files (g
 never leave an artifact without its blob).
 
 Temporary entries (`<home>/tmp`): an entry is in flight while its process holds its lock (a file's own
-flock, a scratch folder's `.lock`). Creating a file and locking it are two steps on POSIX, so gc also leaves
-alone anything written in the last TEMP_MIN_AGE seconds: the moment between the two is microseconds, and a
-process that stalls there for two minutes is rarer than the disk it writes to. Partial downloads of a pull
-are kept for a resume window (REGISTRY_PARTIAL_TTL seconds, default 24 h) unless `gc --all-temp`.
+flock, a scratch folder's `.lock`). gc removes an entry only while holding that lock itself, and a creator
+checks after locking that the name is still its own (store.py), so the two steps of creating and locking are
+safe; gc also leaves alone anything written in the last TEMP_MIN_AGE seconds, a cheap second guard. Partial
+downloads of a pull are kept for a resume window (REGISTRY_PARTIAL_TTL seconds, default 24 h) unless
+`gc --all-temp`.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def _temp_entries(reg: Registry, report: GcReport, partial_ttl_seconds: float, d
             report.partials_kept.append(entry.name)
             continue
         if entry.age < TEMP_MIN_AGE_SECONDS:
-            continue  # may be between its creation and its lock (see the module docstring)
+            continue  # just created: leave it to its creator (see the module docstring)
         if dry_run or reg.store.remove_temp(entry):
             report.temp_files.append(entry.name)
             report.bytes_freed += entry.size
