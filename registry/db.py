@@ -16,12 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
 from .errors import BadInput, DatabaseLocked, DatabaseUnavailable, DiskFull
+from .schema import SCHEMA_HEAD  # the newest migration; schema.py says why it lives there
 
 # Installed as registry.migrations (the repository's top-level migrations/ folder in a checkout).
 MIGRATIONS_DIR = Path(importlib.util.find_spec("registry.migrations").origin).parent
-# The newest migration; a test checks it against Alembic. Knowing it here lets every command check the schema
-# with one query instead of importing Alembic (about 0.1 s of start-up).
-SCHEMA_HEAD = "0004"
 _engines: dict[str, Engine] = {}
 _migrated: set[str] = set()
 _lock = threading.Lock()
@@ -39,12 +37,21 @@ READ_ONLY = "registry_read_only"
 
 def _make_engine(settings: Settings) -> Engine:
     url = settings.database_url
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number ('postgresql://:x:')
+        raise _bad_url(settings) from None
     if not is_sqlite(url):
         connect_args = {}
-        if "connect_timeout" not in make_url(url).query:
+        if "connect_timeout" not in parsed.query:
             # Without it an unreachable host hangs a command (and a heartbeat) for the TCP timeout, minutes.
             connect_args["connect_timeout"] = 10
-        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        try:
+            return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        except ImportError as exc:  # a dialect whose driver is not installed (mysql://, postgresql+pg8000://)
+            raise BadInput(f"REGISTRY_DATABASE_URL (or --database-url) {_hide_password(url)!r} needs the "
+                           f"{exc.name or parsed.drivername} driver, which is not installed; use "
+                           "postgresql+psycopg://user@host/registry (psycopg is installed with the registry)") from None
     if url.startswith("sqlite:///"):
         try:
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -138,11 +145,22 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         return
     from alembic import command
 
-    with engine.begin() as conn:
-        if not is_sqlite(engine):
-            # SQLite's BEGIN IMMEDIATE already serialises; PostgreSQL needs an explicit lock.
-            conn.execute(text("SELECT pg_advisory_xact_lock(7412893)"))
-        command.upgrade(alembic_config(conn), revision)
+    with engine.connect() as conn:
+        sqlite_conn = conn.connection.dbapi_connection if is_sqlite(engine) else None
+        if sqlite_conn is not None:
+            # A batch migration rebuilds a table (copy, DROP the old one, rename): with foreign keys on, dropping
+            # `artifacts` would cascade-delete every file, edge and tag (0004 did). SQLite ignores this PRAGMA
+            # inside a transaction, so it goes to the driver's connection before ours begins.
+            sqlite_conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with conn.begin():
+                if sqlite_conn is None:
+                    # SQLite's BEGIN IMMEDIATE already serialises; PostgreSQL needs an explicit lock.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7412893)"))
+                command.upgrade(alembic_config(conn), revision)
+        finally:
+            if sqlite_conn is not None:
+                sqlite_conn.execute("PRAGMA foreign_keys = ON")
 
 
 def dispose_all() -> None:
@@ -170,12 +188,16 @@ def _hide_password(url: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
+def _bad_url(settings: Settings) -> BadInput:
+    return BadInput(f"REGISTRY_DATABASE_URL (or --database-url) {_hide_password(settings.database_url)!r} is "
+                    "not a database URL we can use; give e.g. postgresql+psycopg://user@host/registry or "
+                    "sqlite:////path/to/registry.db")
+
+
 def _db_error(settings: Settings, exc: Exception) -> Exception | None:
     """The one-line registry error for a database failure, or None when it is not one we can explain."""
     if isinstance(exc, ArgumentError):  # includes NoSuchModuleError (unknown dialect or driver)
-        return BadInput(f"REGISTRY_DATABASE_URL (or --database-url) {_hide_password(settings.database_url)!r} is "
-                        "not a database URL we can use; give e.g. postgresql+psycopg://user@host/registry or "
-                        "sqlite:////path/to/registry.db")
+        return _bad_url(settings)
     if not isinstance(exc, DBAPIError):
         return None
     raw = str(exc.orig).strip()
@@ -199,6 +221,10 @@ def _db_error(settings: Settings, exc: Exception) -> Exception | None:
     if not is_sqlite(settings.database_url) and isinstance(exc, OperationalError):
         # psycopg: 'connection failed: connection to server at "h", port 1 failed: Connection refused\n\tIs ...'
         reason = (raw.splitlines()[0].split(" failed: ")[-1].strip() if raw else "") or type(exc.orig).__name__
+        reason = " ".join(reason.split())  # 'FATAL:  role "x" does not exist'
+        if reason.startswith("FATAL:") or "authentication" in reason:  # the server answered: the URL is wrong
+            return DatabaseUnavailable(f"cannot use {what}: {reason}; check the user, password and database "
+                                       "name in REGISTRY_DATABASE_URL (or --database-url)")
         return DatabaseUnavailable(f"cannot use {what}: {reason}; check that the server is up and reachable, "
                                    "and REGISTRY_DATABASE_URL (or --database-url)")
     return None
