@@ -33,7 +33,7 @@ class QuantizeOptions:
     desc_act: bool = False
     sym: bool = True
     calibration: str | None = None
-    samples: int = 128
+    samples: int | None = None  # None: not chosen; up to 128, fewer with a warning when the text is short
     seq_len: int = 512
     device: str = "auto"
     seed: int = 0
@@ -47,6 +47,7 @@ class QuantizeResult(Registered):
 
     evaluation: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)  # this run's; a no-op keeps the first one's
+    warnings: list[str] = field(default_factory=list)  # e.g. fewer calibration samples than the default
 
 
 def require_gptqmodel():
@@ -81,6 +82,9 @@ def check_source(artifact: Artifact, files: dict[str, Path], opts: QuantizeOptio
         raise BadInput(f"{artifact.name} is already quantized; quantize its full-precision source instead")
     if opts.bits not in BITS:
         raise BadInput(f"--bits {opts.bits} is not supported; use one of {', '.join(map(str, BITS))}")
+    if opts.group_size < 1 and opts.group_size != -1:
+        raise BadInput(f"--group-size {opts.group_size} is not valid; use a positive divisor of the layers' input "
+                       "features (e.g. 32, 64, 128) or -1 for none")
     from gptqmodel.models.auto import MODEL_MAP
 
     model_type = artifact.meta.get("model_type")
@@ -90,7 +94,7 @@ def check_source(artifact: Artifact, files: dict[str, Path], opts: QuantizeOptio
         for rel, path in files.items():
             if rel.endswith(".safetensors"):
                 _check_groups(SafetensorsFile(path, rel), opts.group_size)
-    if opts.samples < 1 or opts.seq_len < 8:
+    if (opts.samples is not None and opts.samples < 1) or opts.seq_len < 8:
         raise BadInput("--samples must be at least 1 and --seq-len at least 8")
 
 
@@ -214,7 +218,8 @@ def quantize(reg: Registry, ref: str | int, opts: QuantizeOptions, name: str | N
             s, reg.store, name=name or f"{source_name}-gptq-int{opts.bits}", kind="quantized", files=ingested,
             meta=meta, parents=[(load(s, source_id), "base")], provenance=provenance,
             source={"path": f"GPTQ int{opts.bits} of {source_name}"}, job_id=job_id)
-        return QuantizeResult(a.id, a.name, a.digest, len(a.files), a.total_size, created, evaluation, provenance)
+        return QuantizeResult(a.id, a.name, a.digest, len(a.files), a.total_size, created, evaluation, provenance,
+                              calib.warnings)
 
 
 def _run_gptq(source_dir: Path, out_dir: Path, calib: Calibration, opts: QuantizeOptions, device: str,

@@ -37,10 +37,15 @@ def with_source(home, trained):
 
 
 def test_quantize_produces_a_gptq_checkpoint_that_loads_and_generates(with_source):
+    from importlib import resources
+
     from safetensors import safe_open
 
-    calibration = with_source
-    out = cli_json("quantize", "tiny", "--calibration", str(calibration), *QUANT_ARGS)
+    # The defaults: the built-in calibration set, 128 samples of up to 512 tokens. Only the group size is
+    # given, because the tiny model's 64 input features are not a multiple of the default 128.
+    proc = run_cli("quantize", "tiny", "--group-size", "32", "--json")
+    assert proc.stderr == ""  # the built-in set gives the default 128 samples: no warning
+    out = json.loads(proc.stdout)
     assert out["name"] == "tiny-gptq-int4"
     shown = cli_json("show", "tiny-gptq-int4")
     assert shown["kind"] == "quantized"
@@ -62,12 +67,14 @@ def test_quantize_produces_a_gptq_checkpoint_that_loads_and_generates(with_sourc
     meta = shown["provenance"]  # options, calibration, versions and evaluation: provenance, not in the digest
     assert "quantization" not in shown["metadata"] and "evaluation" not in shown["metadata"]
     q_meta = meta["quantization"]
-    assert q_meta["calibration"]["digest"] == "sha256:" + hashlib.sha256(calibration.read_bytes()).hexdigest()
-    assert (q_meta["calibration"]["samples"], q_meta["seed"], q_meta["device"]) == (32, 0, "cpu")
+    builtin = resources.files("registry").joinpath("data/calibration.jsonl").read_bytes()
+    assert q_meta["calibration"] == {"digest": "sha256:" + hashlib.sha256(builtin).hexdigest(), "source": "builtin",
+                                     "samples": 128, "seq_len": 512, "held_out": 50}
+    assert (q_meta["seed"], q_meta["device"]) == (0, "cpu")
     assert q_meta["versions"]["gptqmodel"] == "7.6.0"
-    e = meta["evaluation"]
-    assert e["perplexity_source"] < 50  # the tiny model really learned the corpus
-    assert e["perplexity_quantized"] <= 1.2 * e["perplexity_source"]
+    e = meta["evaluation"]  # on built-in text the tiny model never saw: high, but equal before and after
+    assert e["held_out_samples"] == 50
+    assert 0.8 * e["perplexity_source"] <= e["perplexity_quantized"] <= 1.2 * e["perplexity_source"]
     assert e["size_reduction"] > 0.5
     text = run_cli("show", "tiny-gptq-int4").stdout
     assert "evaluation:      perplexity" in text and "GPTQ int4 group 32" in text
@@ -80,13 +87,26 @@ def test_quantize_produces_a_gptq_checkpoint_that_loads_and_generates(with_sourc
 
 @pytest.mark.sqlite_only  # two quantizations; digests do not depend on the catalog
 def test_same_inputs_give_the_same_digest(with_source, tmp_path):
+    # No --samples, and a corpus of 120 paragraphs: 30 held out leave 90, fewer than the default 128, so both
+    # runs use those 90 with a warning; here in the foreground, then --detach'ed to a worker.
+    args = ["--calibration", str(with_source), "--group-size", "32", "--seq-len", "64", "--no-eval"]
+    warning = (f"warning: {with_source} gives 90 calibration samples after holding out 30 for evaluation, "
+               "fewer than the default 128; using those 90")
     workdir = tmp_path / "cwd"
     workdir.mkdir()
-    first = cli_json("quantize", "tiny", "--calibration", str(with_source), *QUANT_ARGS, "--no-eval", "--name", "a",
-                     cwd=workdir)
+    proc = run_cli("quantize", "tiny", *args, "--name", "a", "--json", cwd=workdir)
+    assert proc.stderr.splitlines() == [warning]  # on stderr: stdout stays one JSON document
+    first = json.loads(proc.stdout)
     assert list(workdir.iterdir()) == []  # the engine's log file does not land in the user's folder
-    second = cli_json("quantize", "tiny", "--calibration", str(with_source), *QUANT_ARGS, "--no-eval", "--name", "b")
+    queued = cli_json("quantize", "tiny", *args, "--name", "b", "--detach")
+    run_cli("worker", "--once")
+    job = cli_json("job", str(queued["job"]))
+    assert job["state"] == "succeeded" and job["params"]["options"]["samples"] is None
+    second = job["result"]
     assert first["digest"] == second["digest"] and first["evaluation"] is None
+    for result in (first, second):
+        assert result["provenance"]["quantization"]["calibration"]["samples"] == 90
+        assert result["warnings"] == [warning.removeprefix("warning: ")]
 
 
 @pytest.mark.sqlite_only  # a third quantization; the failure path is the same on both
@@ -94,6 +114,8 @@ def test_perplexity_gate_registers_nothing(with_source):
     proc = run_cli("quantize", "tiny", "--calibration", str(with_source), *QUANT_ARGS, "--max-ppl-ratio", "0.5",
                    check=1)
     assert "above --max-ppl-ratio 0.5; nothing was registered" in proc.stderr
+    source_ppl = float(proc.stderr.split("the source's ")[1].split(",")[0])
+    assert source_ppl < 50  # evaluated on held-out corpus text, which the tiny model really learned
     assert cli_json("list", "--kind", "quantized") == []
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from .. import catalog, render
+from .. import render
 from . import cli
-from .common import _reg, _result, _run, detach_option, json_option
+from .common import (_reg, _result, _run, catalog, detach_option, float_range, int_range,  # catalog: on first use
+                     json_option)
 
 
 @cli.command()
@@ -28,8 +29,9 @@ def merge(base, adapter, name, dtype, check, force, allow_pickle, detach, as_jso
     """Fuse a LoRA ADAPTER into its BASE, tensor by tensor, exactly as peft's merge_and_unload.
 
     \b
-    registry merge llama-7b my-lora --name llama-7b-chat
-    registry merge llama-7b my-lora --dtype bf16 --check
+    Examples:
+      registry merge llama-7b my-lora --name llama-7b-chat
+      registry merge llama-7b my-lora --dtype bf16 --check
     """
     with _reg().session() as s:  # resolve once: the job names these artifacts by id, not a movable tag or digest
         base_id, adapter_id = (catalog.require_usable(catalog.resolve(s, ref)).id for ref in (base, adapter))
@@ -52,13 +54,14 @@ def merge(base, adapter, name, dtype, check, force, allow_pickle, detach, as_jso
 @click.option("--desc-act/--no-desc-act", default=False, show_default=True, help="Quantize columns by activation order.")
 @click.option("--sym/--no-sym", default=True, show_default=True, help="Symmetric quantization.")
 @click.option("--calibration", type=click.Path(dir_okay=False), help=".txt (a sample per paragraph) or .jsonl "
-              "(text, or conversations); default: a built-in text.")
-@click.option("--samples", default=128, show_default=True, type=int, help="Calibration samples to use.")
+              "(text, or conversations); default: a built-in set of English and Chinese prose, dialogue and code.")
+@click.option("--samples", type=int, help="Calibration samples to use  [default: 128, or all there are, with a "
+              "warning, when the text has fewer].")
 @click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per calibration sample at most.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and the engine.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-eval", is_flag=True, help="Skip the perplexity evaluation.")
-@click.option("--max-ppl-ratio", default=1.5, show_default=True, type=float,
+@click.option("--max-ppl-ratio", default=1.5, show_default=True, type=float_range(0, min_open=True),
               help="Fail when quantized perplexity exceeds this multiple of the source's.")
 @click.option("--name", help="Artifact name (default: REF-gptq-intN).")
 @detach_option
@@ -68,8 +71,9 @@ def quantize(ref, bits, group_size, desc_act, sym, calibration, samples, seq_len
     """Quantize a base or merged model to int4 (GPTQ, with GPTQModel) and evaluate it.
 
     \b
-    registry quantize llama-7b-chat --bits 4 --group-size 128
-    registry quantize llama-7b-chat --calibration chats.jsonl --samples 256 --device cuda
+    Examples:
+      registry quantize llama-7b-chat --bits 4 --group-size 128
+      registry quantize llama-7b-chat --calibration chats.jsonl --samples 256 --device cuda
     """
     with _reg().session() as s:  # resolve once: the job names this artifact by id, not a movable tag or digest
         source_id = catalog.require_usable(catalog.resolve(s, ref)).id
@@ -91,12 +95,23 @@ def quantize(ref, bits, group_size, desc_act, sym, calibration, samples, seq_len
 @click.argument("ref")
 @click.option("--prompt", required=True, help="Text to continue (or, with --chat, to answer).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template (or <s>Human: ...</s><s>Assistant: ).")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, 8192))
+@click.option("--max-new-tokens", default=128, show_default=True, type=int_range(1, 8192))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def generate(ref, prompt, chat, max_new_tokens, device) -> None:
-    """Generate text with a registered model, streaming tokens to stdout as they are produced."""
+    """Generate text with a registered model, streaming tokens to stdout as they are produced.
+
+    An adapter runs on top of its registered base. --device cuda needs a CUDA GPU (exit 2 without one).
+
+    \b
+    Examples:
+      registry generate llama-7b-chat-gptq-int4 --prompt "Hello"
+      registry generate llama-7b-chat --prompt "What is a LoRA adapter?" --chat --max-new-tokens 64
+    """
+    from ..errors import BadInput
     from ..ml import require_ml
 
+    if not prompt.strip():
+        raise BadInput("--prompt is empty; give the text to continue (or, with --chat, to answer)")
     require_ml("generate")
     from ..generate import generate as run_generate
 
