@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import os
 import socket
 import uuid
@@ -16,8 +15,8 @@ from sqlalchemy.orm import Session
 from .db import db_now
 from .errors import BadInput, JobCancelled, LeaseLost, NotFound
 from .models import JOB_STATES, UNFINISHED_STATES, Job
+from .schema import DEFAULT_LEASE_SECONDS, stored_dedup_key  # there so the CLI can use them without SQLAlchemy
 
-DEFAULT_LEASE_SECONDS = 60
 MAX_BACKOFF_SECONDS = 300
 
 
@@ -54,11 +53,6 @@ def enqueue(session: Session, type: str, params: dict[str, Any], dedup_key: str 
             raise
         return existing, False
     return job, True
-
-
-def stored_dedup_key(type: str, dedup_key: str) -> str:
-    """The fixed-size form of a dedup key kept in the jobs table."""
-    return f"{type}:{hashlib.sha256(dedup_key.encode()).hexdigest()}"
 
 
 def _unfinished(session: Session, dedup_key: str) -> Job | None:

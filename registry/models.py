@@ -7,11 +7,7 @@ from typing import Any, Optional
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-KINDS = ("base", "adapter", "merged", "quantized", "checkpoint")
-STATUSES = ("ready", "incomplete", "corrupt", "deleted")
-ROLES = ("base", "adapter", "calibration", "source")
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-UNFINISHED_STATES = ("queued", "running")
+from .schema import JOB_STATES, KINDS, ROLES, STATUSES, UNFINISHED_STATES  # noqa: F401  (kept importable here)
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
