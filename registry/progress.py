@@ -59,11 +59,13 @@ class RichReporter(NullReporter):
     def start(self, total: int | None, unit: str = "B", description: str = "") -> None:
         from rich.console import Console
         from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+                                   TimeRemainingColumn)
 
         super().start(total, unit, description)
         self.finish()
-        amount = [DownloadColumn(), TransferSpeedColumn()] if unit == "B" else [MofNCompleteColumn()]
+        # Binary units (KiB, MiB), as every summary line prints sizes; rich's defaults are decimal (kB, MB).
+        amount = [DownloadColumn(binary_units=True), _binary_speed_column()] if unit == "B" \
+            else [MofNCompleteColumn()]
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), *amount, TimeRemainingColumn(),
                                   console=Console(stderr=True), transient=False)
         self._progress.start()
@@ -92,6 +94,23 @@ class RichReporter(NullReporter):
     def file_finished(self, handle: object) -> None:
         if self._progress is not None and handle is not None:
             self._progress.remove_task(handle)
+
+
+def _binary_speed_column():
+    """rich's TransferSpeedColumn, in KiB/s and MiB/s."""
+    from rich import filesize
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class BinarySpeedColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            if speed is None:
+                return Text("?", style="progress.data.speed")
+            unit, suffix = filesize.pick_unit_and_suffix(int(speed), ["B", "KiB", "MiB", "GiB", "TiB"], 1024)
+            return Text(f"{speed / unit:.1f} {suffix}/s", style="progress.data.speed")
+
+    return BinarySpeedColumn()
 
 
 def terminal_reporter() -> NullReporter:

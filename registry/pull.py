@@ -2,19 +2,21 @@
 in the same pass that writes it, resuming partial files, and skipping content the store already has."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
+import socket
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, Iterator
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from . import hub
-from .catalog import register_artifact, tag_artifact
+from .catalog import name_available, register_with_base, tag_artifact
 from .core import Registry
 from .errors import DiskFull, NotFound, OperationFailed
 from .folder import detect_kind, read_metadata
@@ -25,6 +27,7 @@ from .progress import NullReporter, Reporter
 from .store import CHUNK, Ingested, write_all
 
 MAX_RECONNECTS = 8
+POLL_SECONDS = 0.2  # how often a pull looks whether its job must stop, however slowly bytes arrive
 
 
 @dataclass
@@ -37,7 +40,7 @@ class PullResult:
     kind: str
     repo_id: str
     commit: str
-    tag: str
+    tag: str | None  # REPO_ID:REVISION; None for a filtered pull (it never takes the repo's tags)
     files: int
     size: int
     created: bool
@@ -45,6 +48,8 @@ class PullResult:
     bytes_downloaded: int
     bytes_reread: int
     warnings: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # every tag this pull pointed at the artifact
+    pull_filter: dict[str, list[str]] | None = None  # {include, exclude} of a filtered pull
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -64,9 +69,26 @@ class Downloader:
                                    timeout=httpx.Timeout(30.0, read=60.0))
         self.bytes_downloaded = 0
         self.bytes_reread = 0
+        # abort() sets this and cuts the connections being read, so a stopped pull does not wait for a slow or
+        # stalled server to send its next byte (the reporter's stop check only runs when bytes arrive).
+        self.aborted = threading.Event()
+        self._reading: set[httpx.Response] = set()
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self.client.close()
+
+    def abort(self) -> None:
+        """Stop every download of this pull now: blocked reads fail at once, and no new request starts."""
+        self.aborted.set()
+        with self._lock:
+            reading = list(self._reading)
+        for resp in reading:
+            _cut(resp)
+
+    def _check_aborted(self) -> None:
+        if self.aborted.is_set():
+            raise _Aborted()
 
     def existing(self, f: hub.RemoteFile) -> Ingested | None:
         """The store's blob for this file when its content is already there (no transfer needed)."""
@@ -82,6 +104,7 @@ class Downloader:
         """Download one file (resuming a partial one), verify it, and publish it into the store.
 
         With `replace` (repair), the verified download goes over a damaged blob file of the same digest."""
+        self._check_aborted()
         with self.reg.store.partial(f.key) as part:  # a second process pulling the same content waits here
             fh = part.file
             found = None if replace else self.existing(f)
@@ -140,17 +163,20 @@ class Downloader:
                 offset = 0
                 sha256, sha1 = _hashers(f)
             except httpx.TransportError as exc:
+                self._check_aborted()  # our own abort() cut the connection: no reconnect
                 failures += 1
                 if failures > MAX_RECONNECTS:
                     raise OperationFailed(f"{f.path}: the connection kept dropping ({exc}); run the pull again "
                                           "to resume from the bytes already downloaded") from None
-                time.sleep(min(0.1 * 2 ** failures, 5.0))
+                self.aborted.wait(min(0.1 * 2 ** failures, 5.0))
+                self._check_aborted()
                 offset = fh.seek(0, os.SEEK_END)
 
     def _stream(self, url: str, f: hub.RemoteFile, fh: BinaryIO, offset: int, sha256, sha1,
                 handle: object) -> int:
         headers = {"range": f"bytes={offset}-"} if offset else {}
-        with self.client.stream("GET", url, headers=headers) as resp:
+        self._check_aborted()
+        with self.client.stream("GET", url, headers=headers) as resp, self._being_read(resp):
             if resp.status_code >= 400:
                 raise hub.http_error(resp.status_code, f"{self.repo_id}@{self.commit[:12]}: {f.path}")
             if offset and resp.status_code == 200:
@@ -168,6 +194,33 @@ class Downloader:
                 if offset > f.size:
                     break
         return offset
+
+    @contextlib.contextmanager
+    def _being_read(self, resp: httpx.Response) -> Iterator[None]:
+        with self._lock:
+            self._reading.add(resp)
+        try:
+            if self.aborted.is_set():  # abort() ran between the request and here: it did not see this one
+                _cut(resp)
+            yield
+        finally:
+            with self._lock:
+                self._reading.discard(resp)
+
+
+def _cut(resp: httpx.Response) -> None:
+    """Shut down the socket a response is read from (from another thread): a read blocked on it returns now.
+
+    Closing the response would not do: on Linux, close() leaves a recv() in another thread waiting."""
+    stream = resp.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Aborted(Exception):
+    """This download stopped because the pull is stopping (cancel, lost lease, another file failed)."""
 
 
 class _RangeIgnored(Exception):
@@ -193,8 +246,13 @@ class _NoHash:
 def pull(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str, token: str | None,
          include: list[str] | None = None, exclude: list[str] | None = None, name: str | None = None,
          kind: str | None = None, workers: int = 8, reporter: Reporter | None = None,
-         job_id: int | None = None) -> PullResult:
-    """Download `repo_id` at `commit` into the store and register it, tagged REPO_ID:REVISION."""
+         job_id: int | None = None, tags: list[str] | None = None) -> PullResult:
+    """Download `repo_id` at `commit` into the store and register it, tagged REPO_ID:REVISION and `tags`.
+
+    A filtered pull (include/exclude) is a subset of the commit: it is named REPO_ID@<commit>-filtered-<digest>
+    (see filtered_name), records its filter in the provenance, and gets only the tags in `tags`, so the repo's
+    name, its REPO_ID:REVISION tag and an offline pull keep answering with the whole commit.
+    """
     reporter = reporter or NullReporter()
     files = hub.list_files(endpoint, repo_id, commit, token, include, exclude)
     downloader = Downloader(reg, endpoint, repo_id, commit, token, reporter)
@@ -203,8 +261,7 @@ def pull(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str,
         present = {f.path: downloader.existing(f) for f in files}
         needed = [f for f in files if present[f.path] is None]
         reporter.start(sum(f.size for f in needed), "B", f"pulling {repo_id}")
-        with ThreadPoolExecutor(max(1, min(workers, len(needed) or 1))) as pool:
-            fetched = dict(zip((f.path for f in needed), pool.map(downloader.fetch, needed)))
+        fetched = _fetch_all(downloader, needed, workers, getattr(reporter, "check", None))
         reporter.finish()
         ingested.update({f.path: present[f.path] or fetched[f.path] for f in files})
 
@@ -213,57 +270,128 @@ def pull(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str,
                 if ingested[f.path].sha256 in vanished:
                     ingested[f.path] = downloader.fetch(f)
 
-        return register_retrying(lambda: _register(reg, repo_id, revision, commit, endpoint, ingested, name, kind,
-                                                   job_id, len(needed), downloader), refetch)
+        request = _Request(repo_id, revision, commit, endpoint, name, kind, pull_filter(include, exclude), tags or [])
+        return register_retrying(lambda: _register(reg, request, ingested, job_id, len(needed), downloader), refetch)
     finally:
         downloader.close()
         release_pins(reg.store, (i.sha256 for i in ingested.values()))
 
 
-def _register(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str,
-              ingested: dict[str, Ingested], name: str | None, kind: str | None, job_id: int | None,
+def _fetch_all(downloader: Downloader, needed: list[hub.RemoteFile], workers: int,
+               check: Callable[[], None] | None) -> dict[str, Ingested]:
+    """Download files in parallel. This thread watches them and, every POLL_SECONDS, calls `check` (a job's
+    reporter: raises once the job must stop); on any stop or failure every download is cut at once."""
+    pool = ThreadPoolExecutor(max(1, min(workers, len(needed) or 1)))
+    futures = {pool.submit(downloader.fetch, f): f.path for f in needed}
+    try:
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_EXCEPTION)
+            failed = next((fut for fut in done if fut.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()
+            if check is not None:
+                check()
+        return {path: fut.result() for fut, path in futures.items()}
+    except BaseException:
+        downloader.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # quick: cut reads fail, queued files never start
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What was asked for: the commit, and the name, kind, filter and extra tags to register it with."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    endpoint: str
+    name: str | None
+    kind: str | None
+    pull_filter: dict[str, list[str]] | None
+    tags: list[str]
+
+
+def pull_filter(include: list[str] | None, exclude: list[str] | None) -> dict[str, list[str]] | None:
+    """The filter of a pull as recorded in its artifact's provenance; None for the whole commit."""
+    if not include and not exclude:
+        return None
+    return {"include": sorted(include or []), "exclude": sorted(exclude or [])}
+
+
+def filtered_name(repo_id: str, commit: str, digest: str) -> str:
+    """The default name of a filtered pull: the commit, marked as a subset, and the subset's own digest prefix
+    (two different filters give two names; the same files give the same name, so pulling them again is a no-op)."""
+    return f"{repo_id}@{commit[:12]}-filtered-{digest.removeprefix('sha256:')[:8]}"
+
+
+def _register(reg: Registry, r: _Request, ingested: dict[str, Ingested], job_id: int | None,
               downloaded: int, downloader: Downloader) -> PullResult:
     meta = read_metadata({rel: reg.store.path(i.sha256) for rel, i in ingested.items()})
-    kind = kind or detect_kind(dict.fromkeys(ingested), meta)
+    kind = r.kind or detect_kind(dict.fromkeys(ingested), meta)
     digest = manifest_digest(build_manifest(kind, ((p, i.size, i.sha256) for p, i in ingested.items())))
-    tag = f"{repo_id}:{revision}"
+    repo_tag = None if r.pull_filter else f"{r.repo_id}:{r.revision}"
+    tags = list(dict.fromkeys([t for t in [repo_tag, *r.tags] if t]))
     with reg.session() as s:
-        chosen = name or _default_name(s, repo_id, commit, digest)
-        a, created = register_artifact(s, reg.store, name=chosen, kind=kind, files=ingested, meta=meta,
-                                       source={"repo": repo_id, "revision": commit, "endpoint": endpoint,
-                                               "ref": revision}, job_id=job_id)
-        tag_artifact(s, a, tag)
+        chosen = r.name or (filtered_name(r.repo_id, r.commit, digest) if r.pull_filter
+                            else _default_name(s, r.repo_id, r.commit, digest))
+        a, created, _ = register_with_base(s, reg.store, name=chosen, kind=kind, files=ingested, meta=meta,
+                                           source={"repo": r.repo_id, "revision": r.commit, "endpoint": r.endpoint,
+                                                   "ref": r.revision}, job_id=job_id,
+                                           provenance={"pull_filter": r.pull_filter} if r.pull_filter else None)
+        for tag in tags:
+            tag_artifact(s, a, tag)
         warnings = [f"{rel} is a pickle file: loading it can run arbitrary code; prefer safetensors"
                     for rel in meta.get("unsafe_files", [])]
-        return PullResult(a.id, a.name, a.digest, a.kind, repo_id, commit, tag, len(a.files), a.total_size,
-                          created, downloaded, downloader.bytes_downloaded, downloader.bytes_reread, warnings)
+        return PullResult(a.id, a.name, a.digest, a.kind, r.repo_id, r.commit, repo_tag, len(a.files), a.total_size,
+                          created, downloaded, downloader.bytes_downloaded, downloader.bytes_reread, warnings,
+                          tags, r.pull_filter)
 
 
 def _default_name(session, repo_id: str, commit: str, digest: str) -> str:
-    """The repo id, unless another artifact holds that name; then repo_id@<commit prefix>."""
-    holder = session.scalars(select(Artifact).where(Artifact.name == repo_id, Artifact.status != "deleted")).first()
-    return repo_id if holder is None or holder.digest == digest else f"{repo_id}@{commit[:12]}"
+    """The repo id, unless another artifact or a tag holds that name; then repo_id@<commit prefix>."""
+    return repo_id if name_available(session, repo_id, digest) else f"{repo_id}@{commit[:12]}"
 
 
-def find_pulled(reg: Registry, repo_id: str, revision: str) -> dict[str, Any] | None:
-    """An artifact already pulled for repo@revision (by its tag, or a commit id prefix), for offline use."""
+def find_pulled(reg: Registry, repo_id: str, revision: str, include: list[str] | None = None,
+                exclude: list[str] | None = None) -> dict[str, Any] | None:
+    """An artifact already pulled for repo@revision with this filter, for offline use.
+
+    The whole commit: the REPO_ID:REVISION tag, else an unfiltered pull of a commit id prefix. A filtered
+    request: a pull with the same filter of the tag's commit, of that branch or tag, or of a commit id prefix.
+    """
+    wanted = pull_filter(include, exclude)
     with reg.session() as s:
         tag = s.get(Tag, f"{repo_id}:{revision}")
         artifact = s.get(Artifact, tag.artifact_id) if tag else None
-        if artifact is None and len(revision) >= 7:
-            artifact = s.scalars(select(Artifact).where(
-                Artifact.source_repo == repo_id, Artifact.source_revision.startswith(revision),
-                Artifact.status != "deleted")).first()
-        if artifact is None or artifact.status == "deleted":
+        if artifact is not None and (artifact.status == "deleted" or wanted is not None):
+            commit = artifact.source_revision if artifact.source_repo == repo_id else None
+            artifact = None
+        else:
+            commit = None
+        if artifact is None:
+            at = [Artifact.source_ref == revision]
+            if commit:
+                at.append(Artifact.source_revision == commit)
+            if len(revision) >= 7:
+                at.append(Artifact.source_revision.startswith(revision))
+            candidates = s.scalars(select(Artifact).where(Artifact.source_repo == repo_id, or_(*at),
+                                                          Artifact.status != "deleted").order_by(Artifact.id.desc()))
+            artifact = next((a for a in candidates if (a.provenance or {}).get("pull_filter") == wanted), None)
+        if artifact is None:
             return None
         return {"name": artifact.name, "digest": artifact.digest, "commit": artifact.source_revision,
                 "files": len(artifact.files), "size": artifact.total_size}
 
 
-def pull_offline(reg: Registry, repo_id: str, revision: str) -> dict[str, Any]:
+def pull_offline(reg: Registry, repo_id: str, revision: str, include: list[str] | None = None,
+                 exclude: list[str] | None = None) -> dict[str, Any]:
     """With HF_HUB_OFFLINE set: succeed from the store when present, else a clear error."""
-    found = find_pulled(reg, repo_id, revision)
+    found = find_pulled(reg, repo_id, revision, include, exclude)
     if found is None:
-        raise NotFound(f"HF_HUB_OFFLINE is set and {repo_id}@{revision} is not in the registry; "
+        what = " with this --include/--exclude filter" if pull_filter(include, exclude) else ""
+        raise NotFound(f"HF_HUB_OFFLINE is set and {repo_id}@{revision}{what} is not in the registry; "
                        "pull it once while online")
     return found

@@ -11,6 +11,7 @@ vanish before the artifact that references it is registered.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -27,6 +28,9 @@ from .errors import BadInput, DiskFull, OperationFailed
 from .records import RecordStore
 
 CHUNK = 8 * 1024 * 1024
+# Files up to this size also get their git blob id while they are ingested: the hub stores small files in git
+# and lists only that id for them, so a later pull finds imported copies by it and downloads nothing.
+GIT_SHA1_MAX = 10 * 1024 * 1024
 ProgressFn = Callable[[int], None]
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 PARTIAL_PREFIX = "pull-"
@@ -114,8 +118,14 @@ class BlobStore(Protocol):
     def materialize(self, sha256: str, dest: Path, how: str = "auto") -> str: ...
 
 
-def hash_stream(stream: BinaryIO, progress: ProgressFn | None = None) -> tuple[str, int]:
-    """SHA-256 and length of a stream, read in large chunks into one reused buffer."""
+def git_blob_hasher(size: int):
+    """A sha1 primed with git's blob header for `size` bytes, or None for a file above GIT_SHA1_MAX."""
+    return hashlib.sha1(f"blob {size}\0".encode()) if size <= GIT_SHA1_MAX else None
+
+
+def hash_stream(stream: BinaryIO, progress: ProgressFn | None = None, also=None) -> tuple[str, int]:
+    """SHA-256 and length of a stream, read in large chunks into one reused buffer (`also`, a second digest,
+    is fed the same bytes)."""
     digest = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -125,6 +135,8 @@ def hash_stream(stream: BinaryIO, progress: ProgressFn | None = None) -> tuple[s
         if not n:
             break
         digest.update(view[:n])
+        if also is not None:
+            also.update(view[:n])
         total += n
         if progress:
             progress(n)
@@ -235,8 +247,8 @@ class LocalStore:
             linked = self._ingest_link(Path(source), progress)
             if linked is not None:
                 return linked
-        with open(source, "rb", buffering=0) as src:
-            return self.ingest_stream(src, progress)
+        with open(source, "rb", buffering=0) as src, BlobWriter(self, git_size=os.fstat(src.fileno()).st_size) as w:
+            return w.copy_from(src, progress)
 
     def ingest_stream(self, stream: BinaryIO, progress: ProgressFn | None = None) -> Ingested:
         """Copy a stream into the store, hashing it in the same pass."""
@@ -267,12 +279,15 @@ class LocalStore:
 
     def _ingest_link(self, source: Path, progress: ProgressFn | None) -> Ingested | None:
         before = StatStamp.of(source)
-        sha, size = hash_file(source, progress)
+        git = git_blob_hasher(before.size)
+        with open(source, "rb", buffering=0) as f:
+            sha, size = hash_stream(f, progress, git)
         if StatStamp.of(source) != before:
             raise OperationFailed(f"{source} changed while it was being imported; import it again")
+        git_sha1 = git.hexdigest() if git is not None and size == before.size else None
         found = self.reuse(sha, size)
         if found is not None:
-            return found
+            return dataclasses.replace(found, git_sha1=git_sha1)
         with open(source, "rb") as f:  # the store's copy is this inode: make its data durable first
             os.fsync(f.fileno())
         # The link is made in a locked scratch folder: gc must not take it for a stale temp file (it has
@@ -287,7 +302,7 @@ class LocalStore:
                 raise
             if StatStamp.of(tmp_path) != before:  # written to between hashing and linking
                 raise OperationFailed(f"{source} changed while it was being imported; import it again")
-            return self._publish(tmp_path, sha, size, pinned=True)
+            return dataclasses.replace(self._publish(tmp_path, sha, size, pinned=True), git_sha1=git_sha1)
 
     def _publish(self, tmp_path: Path, sha: str, size: int, pinned: bool = False,
                  replace: bool = False) -> Ingested:
@@ -421,10 +436,13 @@ class LocalStore:
 class BlobWriter:
     """Writes a blob into a locked temporary file, hashing in the same pass; nothing is left if not finished."""
 
-    def __init__(self, store: LocalStore, replace: bool = False):
+    def __init__(self, store: LocalStore, replace: bool = False, git_size: int | None = None):
         self.store, self.replace = store, replace
         self.digest = hashlib.sha256()
         self.size = 0
+        # With the size of a small file known up front, its git blob id is computed in the same pass.
+        self.git_size = git_size
+        self.git = git_blob_hasher(git_size) if git_size is not None else None
 
     def __enter__(self) -> "BlobWriter":
         self._temp = self.store._temp_file()
@@ -435,6 +453,8 @@ class BlobWriter:
         """Append bytes to the blob."""
         write_all(self.file, data)
         self.digest.update(data)
+        if self.git is not None:
+            self.git.update(data)
         self.size += len(data)
 
     def copy_from(self, stream: BinaryIO, progress: ProgressFn | None = None) -> Ingested:
@@ -456,7 +476,10 @@ class BlobWriter:
         if os.fstat(self.file.fileno()).st_size != self.size:
             raise OperationFailed(f"the store wrote {os.fstat(self.file.fileno()).st_size} of {self.size} bytes; "
                                   "check the disk and try again")
-        return self.store._publish(self.path, self.digest.hexdigest(), self.size, replace=self.replace)
+        published = self.store._publish(self.path, self.digest.hexdigest(), self.size, replace=self.replace)
+        if self.git is None or self.size != self.git_size:  # the file grew or shrank as it was read
+            return published
+        return dataclasses.replace(published, git_sha1=self.git.hexdigest())
 
     def __exit__(self, *exc) -> None:
         self._temp.__exit__(*exc)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hubproxy import HubProxy, Olah, commit_change, git, make_repo  # noqa: E402
 from tinymodel import build_tiny_llama  # noqa: E402
 
 from registry import Registry  # noqa: E402
@@ -39,7 +40,8 @@ def tiny_model(tiny_model_template, tmp_path) -> Path:
 # End-to-end modules whose tests run once per catalog backend: every test there that takes `home` (and not
 # `db_url`, which is parametrized itself) becomes test_x[sqlite] and test_x[postgresql], so a bug that only
 # PostgreSQL shows (a too-long key, a lock, a type) fails a test. `@pytest.mark.sqlite_only` opts a test out.
-BOTH_BACKENDS = {"test_catalog", "test_pull", "test_lineage", "test_merge", "test_quantize", "test_jobs"}
+BOTH_BACKENDS = {"test_catalog", "test_pull", "test_lineage", "test_merge", "test_quantize", "test_jobs",
+                 "test_pull_first_try"}
 
 
 def pytest_configure(config) -> None:
@@ -152,3 +154,59 @@ def write_safetensors_header(path: Path, header: dict, data_len: int, length_ove
 def blob_files(home: Path) -> list[Path]:
     """Every blob file in a registry home."""
     return sorted(p for p in (home / "blobs" / "sha256").glob("*/*") if p.is_file())
+
+
+# -- the hub for pull tests (test_pull, test_pull_first_try, ...): olah behind a counting, faulty proxy --
+
+def _random_safetensors(seed: int, mib: int) -> bytes:
+    """A safetensors file of `mib` MiB of random float32 (incompressible, distinct per seed)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(seed)
+    return save({"w": rng.standard_normal(mib * 256 * 1024).astype(np.float32)})
+
+
+@pytest.fixture(scope="session")
+def hub(tiny_model_template, tmp_path_factory):
+    """olah serving the test repos, and a proxy in front of it; yields a namespace of both and the commits."""
+    work = tmp_path_factory.mktemp("hub")
+    mirrors = work / "mirrors"
+    tiny = make_repo(mirrors, "acme/tiny", tiny_model_template)
+    first = git(tiny, "rev-parse", "HEAD")
+    config = json.loads((tiny_model_template / "config.json").read_text())
+    second = commit_change(tiny, "config.json", json.dumps({**config, "revision_note": "v2"}).encode())
+    git(tiny, "tag", "v1", first)
+    make_repo(mirrors, "acme/tiny-lfs", tiny_model_template, lfs=True)
+    make_repo(mirrors, "acme/big", extra={"model.safetensors": _random_safetensors(1, 3),
+                                          "config.json": b'{"model_type": "llama"}'})
+    make_repo(mirrors, "acme/moving", tiny_model_template)
+    import torch
+
+    pickled = work / "pickled"
+    pickled.mkdir()
+    torch.save({"w": torch.zeros(8)}, pickled / "pytorch_model.bin")
+    (pickled / "config.json").write_text('{"model_type": "llama"}')
+    make_repo(mirrors, "acme/pickle-only", pickled)
+    olah = Olah(mirrors, work)
+    proxy = HubProxy(olah.url)
+
+    class Hub:
+        pass
+
+    h = Hub()
+    h.olah, h.proxy, h.url, h.mirrors, h.first, h.second = olah, proxy, proxy.url, mirrors, first, second
+    yield h
+    proxy.shutdown()
+    olah.stop()
+
+
+@pytest.fixture
+def hubp(hub, home, monkeypatch):
+    """The hub with a clean proxy, and HF_ENDPOINT pointing at it for subprocesses."""
+    hub.proxy.reset()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(home.parent / "hf-home"))  # no login store from this machine
+    return hub

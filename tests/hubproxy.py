@@ -113,7 +113,11 @@ class HubProxy(ThreadingHTTPServer):
         """Forget counts and faults."""
         self.sent: dict[str, int] = defaultdict(int)  # file name -> body bytes sent
         self.requests: list[tuple[str, str, str | None, str | None]] = []  # (method, path, range, auth)
-        self.faults: dict[str, str] = {}  # file name -> drop-half | wrong-bytes | wrong-bytes-once | slow
+        self.faults: dict[str, str] = {}  # file name -> drop-half | wrong-bytes | wrong-bytes-once | slow | stall
+        old = getattr(self, "unstall", None)
+        if old is not None:
+            old.set()  # let handlers stalled for an earlier test go
+        self.unstall = threading.Event()  # "stall" sends 64 KiB, then nothing until this is set (or 60 s pass)
         self.tree_extra: list[dict] = []
         self.ignore_range = False  # answer Range requests with the whole file, as olah does
         self.require_token: str | None = None
@@ -200,6 +204,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(name, part)
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault == "stall":  # a stuck mirror: the connection stays open, no byte arrives
+            if self._write(name, part[:64 * 1024]):
+                srv.unstall.wait(60)
+                self._write(name, part[64 * 1024:])
             return
         if fault == "slow":
             for i in range(0, len(part), 32 * 1024):

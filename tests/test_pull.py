@@ -12,61 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REGISTRY_BIN, blob_files, cli_json, run_cli
-from hubproxy import HubProxy, Olah, commit_change, git, make_repo
-
-
-def _random_safetensors(seed: int, mib: int) -> bytes:
-    import numpy as np
-    from safetensors.numpy import save
-
-    rng = np.random.default_rng(seed)
-    return save({"w": rng.standard_normal(mib * 256 * 1024).astype(np.float32)})
-
-
-@pytest.fixture(scope="session")
-def hub(tiny_model_template, tmp_path_factory):
-    """olah serving the test repos, and a proxy in front of it; yields a namespace of both and the commits."""
-    work = tmp_path_factory.mktemp("hub")
-    mirrors = work / "mirrors"
-    tiny = make_repo(mirrors, "acme/tiny", tiny_model_template)
-    first = git(tiny, "rev-parse", "HEAD")
-    config = json.loads((tiny_model_template / "config.json").read_text())
-    second = commit_change(tiny, "config.json", json.dumps({**config, "revision_note": "v2"}).encode())
-    git(tiny, "tag", "v1", first)
-    make_repo(mirrors, "acme/tiny-lfs", tiny_model_template, lfs=True)
-    make_repo(mirrors, "acme/big", extra={"model.safetensors": _random_safetensors(1, 3),
-                                          "config.json": b'{"model_type": "llama"}'})
-    make_repo(mirrors, "acme/moving", tiny_model_template)
-    import torch
-
-    pickled = work / "pickled"
-    pickled.mkdir()
-    torch.save({"w": torch.zeros(8)}, pickled / "pytorch_model.bin")
-    (pickled / "config.json").write_text('{"model_type": "llama"}')
-    make_repo(mirrors, "acme/pickle-only", pickled)
-    olah = Olah(mirrors, work)
-    proxy = HubProxy(olah.url)
-
-    class Hub:
-        pass
-
-    h = Hub()
-    h.olah, h.proxy, h.url, h.mirrors, h.first, h.second = olah, proxy, proxy.url, mirrors, first, second
-    yield h
-    proxy.shutdown()
-    olah.stop()
-
-
-@pytest.fixture
-def hubp(hub, home, monkeypatch):
-    """The hub with a clean proxy, and HF_ENDPOINT pointing at it for subprocesses."""
-    hub.proxy.reset()
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(home.parent / "hf-home"))  # no login store from this machine
-    return hub
+from conftest import REGISTRY_BIN, _random_safetensors, blob_files, cli_json, run_cli
+from hubproxy import commit_change
 
 
 def test_pull_then_from_pretrained(hubp, tiny_model_template):

@@ -6,7 +6,7 @@ import os
 
 from conftest import cli_json, run_cli
 from hubproxy import HubProxy
-from test_pull import _random_safetensors, hub, hubp  # noqa: F401  (session olah + proxy fixtures)
+from conftest import _random_safetensors  # the hub and hubp fixtures (olah behind a proxy) are in conftest
 
 
 def _blob(home, artifact: str, path: str):

@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import text, update
 
 from conftest import REGISTRY_BIN, blob_files, cli_json, run_cli
-from test_pull import hub, hubp  # noqa: F401  (olah serving test repos, behind a proxy)
 
 IMPORT_LOOP = r"""
 import sys, time

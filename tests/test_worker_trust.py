@@ -16,7 +16,6 @@ from conftest import cli_json, run_cli
 from hubproxy import HubProxy
 from registry import Registry, jobs
 from registry.models import Job
-from test_pull import hub, hubp  # noqa: F401  (session olah + proxy fixtures)
 
 WORKER_TOKEN = "hf_WORKERsecret0123456789"
 MIRROR_TOKEN = "hf_MIRRORtoken0123456789"

@@ -18,6 +18,6 @@ def handle(reg: Registry, params: dict[str, Any], reporter: JobReporter, job_id:
     token = hub.token_for(load_worker_config(reg.home), params["endpoint"])
     result = pull(reg, params["repo_id"], params["revision"], params["commit"], params["endpoint"], token,
                   params.get("include"), params.get("exclude"), params.get("name"), params.get("kind"),
-                  params.get("workers", 8), reporter, job_id)
+                  params.get("workers", 8), reporter, job_id, params.get("tags"))
     return HandlerResult(artifact_id=result.artifact_id, result=result.to_dict(),
                          message=f"pulled {result.repo_id}@{result.commit[:12]} as {result.name}")

@@ -253,6 +253,15 @@ def _runnable(job: Job, now) -> bool:
     return False
 
 
+def configure_logging(debug: bool) -> None:
+    """`registry worker`'s log: its own lines (worker started, job finished) at INFO, libraries at WARNING (httpx
+    logs every HTTP request at INFO). With --debug the root logger is already at DEBUG for everything."""
+    if debug:
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("registry").setLevel(logging.INFO)
+
+
 def worker_loop(reg: Registry, owner: str | None = None, lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS,
                 poll_seconds: float = 1.0, once: bool = False, types: list[str] | None = None,
                 grace_seconds: float = 30.0) -> int:
