@@ -46,6 +46,23 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def check_not_a_tag(session: Session, name: str) -> None:
+    """Refuse an artifact name that is already a tag: names and tags share one namespace (a ref looks up tags
+    first, so the new artifact would be unreachable by its name)."""
+    tag = session.get(Tag, name)
+    if tag is not None:
+        target = session.get(Artifact, tag.artifact_id)
+        raise Conflict(f"{name!r} is already a tag (pointing at {target.name}); names and tags share one "
+                       "namespace: choose another --name, or move the tag away first")
+
+
+def name_available(session: Session, name: str, digest: str) -> bool:
+    """Whether `name` can name an artifact with this digest: no tag and no other live content holds it
+    (pull picks its default name with this)."""
+    holder = session.scalars(select(Artifact).where(Artifact.name == name, Artifact.status != "deleted")).first()
+    return (holder is None or holder.digest == digest) and session.get(Tag, name) is None
+
+
 def check_kind(kind: str) -> str:
     """Refuse a kind that is not one of KINDS."""
     if kind not in KINDS:
@@ -147,6 +164,7 @@ def register_artifact(session: Session, store: BlobStore, *, name: str, kind: st
             return existing, False
         raise Conflict(f"name {name!r} is already used by {existing.digest[:19]}; choose another --name "
                        "or remove it with registry rm")
+    check_not_a_tag(session, name)
     # Under the shared gc lock: every blob is present (else BlobVanished, which the job retries) and stays
     # so until this transaction commits; our pins on them end with it (gclock.py).
     check_blobs_for_registration(session, store, files.values())
@@ -274,9 +292,15 @@ def set_tag(session: Session, ref: str, tag_name: str) -> tuple[Artifact, str | 
 def tag_artifact(session: Session, artifact: Artifact, tag_name: str) -> str | None:
     """Point a tag at this artifact; returns the digest it pointed at before, if any."""
     check_name(tag_name, "tag")
+    # One namespace: a tag equal to a live artifact's name would hide it (refs look up tags first), and one
+    # equal to this artifact's own name could never move to another artifact later.
     clash = session.scalars(select(Artifact).where(Artifact.name == tag_name, Artifact.status != "deleted")).first()
-    if clash is not None and clash.id != artifact.id:
-        raise Conflict(f"tag {tag_name!r} would hide the artifact named {tag_name!r}; choose another tag")
+    if clash is not None:
+        if clash.id == artifact.id:
+            raise Conflict(f"tag {tag_name!r} is the artifact's own name; names and tags share one namespace: "
+                           f"choose another tag, e.g. {tag_name}:prod")
+        raise Conflict(f"tag {tag_name!r} is the name of another artifact ({clash.digest[:19]}); names and tags "
+                       f"share one namespace: choose another tag, or remove that artifact (registry rm {tag_name})")
     tag = session.get(Tag, tag_name)
     previous = None
     if tag is None:
@@ -320,11 +344,153 @@ def _forget(store, name: str, tag_names: list[str]) -> None:
         store.records.delete_tag(tag)
 
 
-def find_by_name_or_repo(session: Session, name: str) -> Artifact | None:
-    """A live artifact whose name, tag or source repo matches (used to link adapters to bases)."""
+# -- lineage: adapters and their bases, `registry link` ------------------------------------------------------
+
+LINK_ROLES = ("base", "adapter")  # the roles lineage uses: a model's base, a merged model's adapter
+
+
+@dataclass
+class Linked:
+    """What `link` did: `changed` is False when the link already existed; `replaced` names removed (or, with
+    --force, live) parents whose link in this role was dropped."""
+
+    child: str
+    parent: str
+    parent_digest: str
+    role: str
+    changed: bool
+    replaced: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def wanted_base(meta: dict[str, Any]) -> str | None:
+    """The base an adapter says it was trained on: its peft config's base_model_name_or_path."""
+    return (meta.get("peft_config") or {}).get("base_model_name_or_path") or None
+
+
+def find_base(session: Session, wanted: str | None) -> Artifact | None:
+    """The live model a base_model_name_or_path names: by name or tag, else by source repo, else by import
+    path (newest first). Import and pull link adapters with it; generate falls back to it."""
+    if not wanted:
+        return None
     try:
-        return resolve(session, name)
+        found = resolve(session, wanted)
     except (NotFound, BadInput):
-        pass
-    return session.scalars(select(Artifact).where(Artifact.source_repo == name, Artifact.status != "deleted")
-                           .order_by(Artifact.id.desc())).first()
+        found = None
+    if found is not None and found.kind != "adapter":
+        return found
+    live = select(Artifact).where(Artifact.status != "deleted", Artifact.kind != "adapter").order_by(Artifact.id.desc())
+    return session.scalars(live.where(Artifact.source_repo == wanted)).first() or session.scalars(
+        live.where(Artifact.source_path.in_({wanted, wanted.rstrip("/")}))).first()
+
+
+def linked_parent(session: Session, child: Artifact, role: str) -> Artifact | None:
+    """The live parent linked to `child` in `role`, if any."""
+    return session.scalars(select(Artifact).join(Edge, Edge.parent_id == Artifact.id).where(
+        Edge.child_id == child.id, Edge.role == role, Artifact.status != "deleted").order_by(Artifact.id)).first()
+
+
+def base_of(session: Session, adapter: Artifact) -> Artifact | None:
+    """An adapter's base, as generate and merge look it up: its live `base` link, else the live model its
+    base_model_name_or_path names (the lookup import and pull link with)."""
+    return linked_parent(session, adapter, "base") or find_base(session, wanted_base(adapter.meta))
+
+
+def trained_on(session: Session, base: Artifact, adapter: Artifact) -> bool:
+    """Whether `base` is the adapter's base: it is linked to it, or its base_model_name_or_path names `base`
+    (its name, a tag, its source repo or its import path), or it names nothing."""
+    wanted = wanted_base(adapter.meta)
+    linked = base_of(session, adapter)
+    if not wanted or (linked is not None and linked.id == base.id):
+        return True
+    known = {base.name, base.source_repo, base.source_path, *tags_of(session, base.id)} - {None}
+    return wanted.rstrip("/") in {k.rstrip("/") for k in known}
+
+
+def _check_link(session: Session, child: Artifact | None, parent: Artifact, role: str) -> None:
+    if role not in LINK_ROLES:
+        raise BadInput(f"unknown role {role!r}; use one of: {', '.join(LINK_ROLES)}")
+    if child is not None and child.id == parent.id:
+        raise BadInput(f"cannot link {child.name} to itself")
+    if parent.status == "deleted":
+        raise Conflict(f"{parent.name} ({parent.digest[:19]}) was removed; link to a live artifact")
+    if role == "adapter" and (parent.kind != "adapter" or (child is not None and child.kind != "merged")):
+        raise BadInput(f"role adapter links a merged model to the adapter merged into it; {parent.name} is a "
+                       f"{parent.kind}{'' if child is None else f' and {child.name} a {child.kind}'}")
+    if role == "base" and parent.kind == "adapter":
+        raise BadInput(f"{parent.name} is an adapter, not a base model; name the model it was trained on (or "
+                       "--role adapter for a merged model's adapter)")
+    if child is None:
+        return
+    if child.status == "deleted":
+        raise Conflict(f"{child.name} was removed; nothing was linked")
+    seen, frontier = {parent.id}, [parent.id]
+    while frontier:  # the parent's ancestors: the child among them would close a cycle
+        frontier = [p for p in session.scalars(select(Edge.parent_id).where(Edge.child_id.in_(frontier)))
+                    if p not in seen]
+        if child.id in frontier:
+            raise BadInput(f"{parent.name} derives from {child.name}; linking {child.name} to it would make a cycle")
+        seen.update(frontier)
+
+
+def link(session: Session, child: Artifact, parent: Artifact, role: str = "base", force: bool = False,
+         job_id: int | None = None) -> Linked:
+    """Record that `child` derives from `parent` in `role` (event `linked`; the child's record follows).
+
+    A child has one parent per role. A link that exists already is a no-op; a link in this role to a removed
+    artifact is replaced (how a re-imported base is linked again); a live one only with `force`.
+    """
+    _check_link(session, child, parent, role)
+    current = session.execute(select(Edge, Artifact).join(Artifact, Artifact.id == Edge.parent_id)
+                              .where(Edge.child_id == child.id, Edge.role == role)).all()
+    if any(edge.parent_id == parent.id for edge, _ in current):
+        return Linked(child.name, parent.name, parent.digest, role, False, [])
+    live = [a for _, a in current if a.status != "deleted"]
+    if live and not force:
+        raise Conflict(f"{child.name} is already linked to {role} {live[0].name} ({live[0].digest[:19]}); to "
+                       f"replace it: registry link {child.name} {parent.name} --role {role} --force")
+    replaced = [f"{a.name} {a.digest[:19]}{' (removed)' if a.status == 'deleted' else ''}" for _, a in current]
+    for edge, _ in current:
+        session.delete(edge)
+    session.add(Edge(child_id=child.id, parent_id=parent.id, role=role))
+    session.flush()
+    record_event(session, "linked", child.id, job_id, parent=parent.name, parent_digest=parent.digest, role=role,
+                 replaced=replaced)
+    _rewrite_record(session, child)
+    return Linked(child.name, parent.name, parent.digest, role, True, replaced)
+
+
+def _rewrite_record(session: Session, artifact: Artifact) -> None:
+    """Write the artifact's record again with its current parents, so `fsck --rebuild-catalog` restores them."""
+    store = _session_store(session)
+    if store is None:
+        return
+    rows = session.execute(select(Edge.role, Artifact.name, Artifact.digest)
+                           .join(Artifact, Artifact.id == Edge.parent_id).where(Edge.child_id == artifact.id)).all()
+    record = artifact_record(artifact, [(name, digest, role) for role, name, digest in rows])
+    after_commit(session, ("artifact", artifact.name), lambda: store.records.put(record))
+
+
+def register_with_base(session: Session, store: BlobStore, *, base: Artifact | None = None,
+                       job_id: int | None = None, **fields: Any) -> tuple[Artifact, bool, Linked | None]:
+    """register_artifact for import and pull, which link an adapter to its base the same way: to `base`
+    (import --base), else to the live model its base_model_name_or_path names (find_base).
+
+    Registering an artifact that exists already repairs its lineage: an explicit `base` is linked (replacing
+    a link to a removed base; a different live one is refused), and a detected base is linked when the
+    artifact has no live base. Returns (artifact, created, the link made on an existing artifact or None).
+    """
+    parent = base
+    if parent is None and fields["kind"] == "adapter":
+        parent = find_base(session, wanted_base(fields["meta"]))
+    if parent is not None:
+        _check_link(session, None, parent, "base")
+    artifact, created = register_artifact(session, store, parents=[(parent, "base")] if parent else [],
+                                          job_id=job_id, **fields)
+    linked = None
+    if not created and parent is not None and parent.id != artifact.id and (
+            base is not None or linked_parent(session, artifact, "base") is None):
+        linked = link(session, artifact, parent, "base", job_id=job_id)
+    return artifact, created, linked if linked is not None and linked.changed else None

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from .catalog import artifact_record, list_artifacts, record_event
 from .errors import Conflict, OperationFailed
 from .manifest import build_manifest, manifest_digest
-from .models import Artifact, Blob, Edge, Event, File, Tag
+from .models import Artifact, Blob, Edge, Event, File, Job, Tag
 
 if TYPE_CHECKING:
     from .core import Registry
@@ -36,8 +36,9 @@ def _catalog_label(reg: "Registry") -> str:
 
 
 def _never_used(session) -> bool:
-    return not session.scalar(select(func.count()).select_from(Artifact)) and \
-        not session.scalar(select(func.count()).select_from(Event))
+    # Jobs and blob rows count too: a first import that failed (disk full) leaves both, and its orphan blobs
+    # must not make the next command take this catalog for a lost one.
+    return not any(session.scalar(select(func.count()).select_from(table)) for table in (Artifact, Event, Job, Blob))
 
 
 def refuse_lost_catalog(reg: "Registry") -> None:

@@ -2,7 +2,10 @@
 
 Blobs are removed under the exclusive gc lock, rows first: gc commits the deletion of the rows of blobs that
 no file references and no running ingest has pinned, then deletes their files (gclock.py says why this can
-never leave an artifact without its blob).
+never leave an artifact without its blob). An operation that ends without registering what it stored (a
+failed or cancelled job) gives those blobs such an unreferenced row as it ends, so they go at the next gc.
+Blob files with no row and no pin are orphans whose writer may still be running (or crashed): they are kept
+for ORPHAN_GRACE_SECONDS after they entered the store.
 
 Temporary entries (`<home>/tmp`): an entry is in flight while its process holds its lock (a file's own
 flock, a scratch folder's `.lock`). gc removes an entry only while holding that lock itself, and a creator
@@ -27,7 +30,8 @@ from .gclock import GcSection
 from .models import Artifact, Blob, BlobPin, File
 from .store import remove_tree
 
-ORPHAN_GRACE_SECONDS = 3600  # a blob file with no row and no pin (a pin protects an in-flight import)
+# A blob file with no row and no pin: its writer may still be running with an expired pin, or crashed.
+ORPHAN_GRACE_SECONDS = 3600
 TEMP_MIN_AGE_SECONDS = 120
 PARTIAL_TTL_SECONDS = 24 * 3600
 

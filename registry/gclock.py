@@ -14,6 +14,12 @@ blob_pins, under the shared lock) before it checks whether the blob file exists;
 shared lock, checks every file is present with the right size, inserts its rows and drops its pins in
 one transaction. So an artifact never references a missing blob, and a blob gc removed before it was
 pinned is simply written again. Pins expire (PIN_TTL), so a crashed job's pins do not live forever.
+
+When an operation ends without registering what it pinned (a failed or cancelled job, a failed import or
+pull), it hands those blobs to gc: in the transaction that drops its pins it gives each one that has no
+catalog row an unreferenced row, as a removed artifact's blobs have. gc frees unreferenced, unpinned rows at
+once, so the space a failed job used comes back with the next `registry gc`; only blob files nobody
+accounts for (no row, no pin: a crashed writer's once its pins expired) wait out gc's grace period.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
-from sqlalchemy import delete, event, text
+from sqlalchemy import delete, event, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -33,7 +39,7 @@ from sqlalchemy.orm import Session
 from .config import Settings
 from .db import db_now, get_engine, session_scope, translate_db_errors
 from .errors import OperationFailed, RegistryError
-from .models import BlobPin
+from .models import Blob, BlobPin
 
 GC_LOCK_KEY = 7412894  # PostgreSQL advisory lock id (migrations use 7412893)
 PIN_TTL = timedelta(hours=24)
@@ -171,20 +177,46 @@ class BlobPins:
         for i in range(0, len(shas), 500):
             session.execute(delete(BlobPin).where(BlobPin.owner == self.owner, BlobPin.sha256.in_(shas[i:i + 500])))
 
-    def release(self, shas: Iterable[str]) -> None:
-        """Drop our pins on these blobs now (after a registration that changed nothing, or failed)."""
+    def release(self, shas: Iterable[str], store=None) -> None:
+        """Drop our pins on these blobs now (after a registration that changed nothing, or failed); with the
+        `store`, hand the unregistered ones to gc (see the module docstring)."""
+        shas = sorted(set(shas))
         with session_scope(self.settings) as s:
+            if store is not None:
+                _hand_to_gc(s, store, shas)
             self.release_in(s, shas)
 
 
+def _hand_to_gc(session: Session, store, shas: list[str]) -> None:
+    """Give each blob that is in the store but has no catalog row an unreferenced row, so the next gc frees it
+    at once (its writer has ended) instead of keeping it for the orphan grace period."""
+    known: set[str] = set()
+    for i in range(0, len(shas), 500):
+        known.update(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(shas[i:i + 500]))))
+    rows = []
+    for sha in shas:
+        if sha in known:
+            continue
+        try:
+            st = os.stat(store.path(sha))
+        except FileNotFoundError:
+            continue
+        rows.append(dict(sha256=sha, size=st.st_size, verified_at=None, stat_size=st.st_size,
+                         stat_mtime_ns=st.st_mtime_ns, stat_inode=st.st_ino))
+    dialect = sqlite if _is_sqlite(session) else postgresql
+    for i in range(0, len(rows), 500):
+        session.execute(dialect.insert(Blob).values(rows[i:i + 500]).on_conflict_do_nothing())
+
+
 def release_all_pins(store) -> None:
-    """Best effort: drop every pin this process holds, when a job ends (one job at a time per process), so
-    blobs that a merge, quantize or repair wrote but did not register are not kept until their pins expire."""
+    """Best effort: drop every pin this process holds, when a job ends (one job at a time per process), and
+    hand what it wrote but did not register (a failed merge, quantize, import, pull) to the next gc."""
     pins = getattr(store, "pins", None)
     if pins is None:
         return
     try:
         with session_scope(pins.settings) as s:
+            _hand_to_gc(s, store, sorted(s.scalars(select(BlobPin.sha256).where(BlobPin.owner == pins.owner))))
             s.execute(delete(BlobPin).where(BlobPin.owner == pins.owner))
     except (RegistryError, SQLAlchemyError):  # the job's own outcome matters more than a leftover pin
         pass
@@ -192,12 +224,13 @@ def release_all_pins(store) -> None:
 
 def release_pins(store, shas: Iterable[str]) -> None:
     """Best effort: drop this process's pins on these blobs when an operation ends, however it ended (a
-    registration that changed nothing, or failed). A pin left behind only delays gc until it expires."""
+    registration that changed nothing, or failed), handing unregistered ones to the next gc. A pin left
+    behind only delays gc until it expires."""
     shas = list(shas)
     if getattr(store, "pins", None) is None or not shas:
         return
     try:
-        store.pins.release(shas)
+        store.pins.release(shas, store)
     except (RegistryError, SQLAlchemyError):  # e.g. the catalog's disk is full: keep the original error
         pass
 

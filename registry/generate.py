@@ -5,13 +5,10 @@ import queue
 import threading
 from typing import Iterator
 
-from sqlalchemy import select
-
-from .catalog import require_usable, resolve
+from .catalog import base_of, require_usable, resolve
 from .core import Registry
 from .errors import BadInput, OperationFailed
 from .export import snapshot_path
-from .models import Artifact, Edge
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
@@ -28,12 +25,11 @@ def _model_dirs(reg: Registry, ref: str) -> tuple[str, str | None]:
         artifact = require_usable(resolve(s, ref))
         artifact_id, base = artifact.id, None
         if artifact.kind == "adapter":
-            base = s.scalars(select(Artifact.id).join(Edge, Edge.parent_id == Artifact.id).where(
-                Edge.child_id == artifact.id, Edge.role == "base", Artifact.status != "deleted")
-                .order_by(Artifact.id)).first()
-            if base is None:
-                raise BadInput(f"{artifact.name} is an adapter with no registered base; import its base and "
-                               "link it with registry import --base")
+            found = base_of(s, artifact)  # the lookup merge uses too: its base link, else its base_model_name_or_path
+            if found is None:
+                raise BadInput(f"{artifact.name} is an adapter with no registered base; import its base, then "
+                               f"link it: registry link {artifact.name} BASE --role base")
+            base = found.id
     if base is None:
         return str(snapshot_path(reg, artifact_id)), None
     return str(snapshot_path(reg, base)), str(snapshot_path(reg, artifact_id))

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from .catalog import check_name, find_by_name_or_repo, register_artifact, resolve
+from .catalog import check_name, check_not_a_tag, register_with_base, resolve
 from .config import load_worker_config
 from .core import Registry
 from .errors import BadInput, NotFound
@@ -32,6 +32,7 @@ class ImportResult:
     created: bool
     bytes_added: int
     warnings: list[str] = field(default_factory=list)
+    linked: dict[str, Any] | None = None  # a base link this import added to an artifact registered before
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,9 +63,10 @@ def import_folder(reg: Registry, folder: str | os.PathLike, name: str, kind: str
     # Resolved once and used from here on, so a symlink swapped after the check cannot lead outside the roots.
     folder = load_worker_config(reg.home).check_path(folder, "import folder")
     scan = scan_folder(folder, kind, contain_within)
-    if base is not None:
-        with reg.session() as s:
-            resolve(s, base)  # fail on an unknown base before reading any bytes
+    with reg.read_session() as s:  # fail on a name that is a tag, or an unknown base, before reading any bytes
+        check_not_a_tag(s, name)
+        if base is not None:
+            resolve(s, base)
     ingested = ingest_files(reg, scan.files, link, reporter or NullReporter())
     source = source or {"path": str(Path(folder).resolve())}
     warnings = [f"{rel} is a pickle file: loading it can run arbitrary code; prefer safetensors"
@@ -90,18 +92,12 @@ def import_folder(reg: Registry, folder: str | os.PathLike, name: str, kind: str
 def _register(reg: Registry, scan: FolderScan, name: str, base: str | None, ingested: dict[str, Ingested],
               source: dict[str, Any], job_id: int | None, added: int, warnings: list[str]) -> ImportResult:
     with reg.session() as s:
-        parents = []
-        if base is not None:
-            parents.append((resolve(s, base), "base"))
-        elif scan.kind == "adapter":
-            base_name = scan.meta.get("peft_config", {}).get("base_model_name_or_path")
-            found = find_by_name_or_repo(s, base_name) if base_name else None
-            if found is not None:
-                parents.append((found, "base"))
-        a, created = register_artifact(s, reg.store, name=name, kind=scan.kind, files=ingested, meta=scan.meta,
-                                       parents=parents, source=source, job_id=job_id)
+        # Linked as pull links (register_with_base); importing an adapter again repairs its base link.
+        a, created, linked = register_with_base(s, reg.store, base=resolve(s, base) if base is not None else None,
+                                                name=name, kind=scan.kind, files=ingested, meta=scan.meta,
+                                                source=source, job_id=job_id)
         return ImportResult(a.id, a.name, a.digest, a.kind, len(a.files), a.total_size, created,
-                            added, warnings)
+                            added, warnings, linked.to_dict() if linked is not None else None)
 
 
 def hf_cache_snapshot(repo_id: str, revision: str = "main", cache_dir: str | os.PathLike | None = None) -> tuple[Path, str, Path]:
@@ -131,6 +127,9 @@ def import_hf_cache(reg: Registry, repo_id: str, name: str | None = None, revisi
 
     load_worker_config(reg.home).check_path(cache_dir or constants.HF_HUB_CACHE, "Hugging Face cache folder")
     snapshot, commit, repo_dir = hf_cache_snapshot(repo_id, revision, cache_dir)
+    # The cache does not say which hub filled it: HF_ENDPOINT now is the best guess (verify --upstream asks it).
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
     return import_folder(reg, snapshot, name or repo_id, kind, base, link, reporter, job_id,
-                         source={"repo": repo_id, "revision": commit, "path": str(snapshot)},
+                         source={"repo": repo_id, "revision": commit, "path": str(snapshot), "endpoint": endpoint,
+                                 "ref": revision if revision != commit else None},
                          contain_within=repo_dir)

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .catalog import Registered, load, register_artifact, require_usable, tags_of
+from .catalog import Registered, load, register_artifact, require_usable, trained_on, wanted_base
 from .core import Registry
 from .errors import BadInput, Conflict, OperationFailed
 from .lora import AdapterPlan, load_adapter_tensors, merge_weight, merged_shape, plan_adapter
@@ -40,18 +40,16 @@ class MergeResult(Registered):
     provenance: dict[str, Any] = field(default_factory=dict)  # this run's; a no-op keeps the first one's
 
 
-def _check_pair(base: Artifact, adapter: Artifact, tags: list[str], force: bool) -> None:
+def _check_pair(base: Artifact, adapter: Artifact, trained_on_base: bool, force: bool) -> None:
     if adapter.kind != "adapter":
         raise BadInput(f"{adapter.name} is a {adapter.kind}, not an adapter; usage: registry merge BASE ADAPTER")
     if base.kind == "quantized" or "quantization_config" in base.meta:
         raise BadInput(f"{base.name} is quantized; merge into the full-precision base, then quantize the result")
     if base.kind == "adapter":
         raise BadInput(f"{base.name} is an adapter; the first argument must be the base model")
-    wanted = (adapter.meta.get("peft_config") or {}).get("base_model_name_or_path")
-    known = {base.name, base.source_repo, base.source_path, *tags} - {None}
-    if wanted and wanted.rstrip("/") not in {k.rstrip("/") for k in known} and not force:
-        raise Conflict(f"{adapter.name} was trained on {wanted!r}, not {base.name}; pass --force if they are "
-                       "the same model")
+    if not trained_on_base and not force:
+        raise Conflict(f"{adapter.name} was trained on {wanted_base(adapter.meta)!r}, not {base.name}; pass --force "
+                       f"if they are the same model (or link them: registry link {adapter.name} {base.name})")
 
 
 def _check_fit(plan: AdapterPlan, shards: list[SafetensorsFile]) -> None:
@@ -164,7 +162,7 @@ def merge(reg: Registry, base_ref: str | int, adapter_ref: str | int, name: str 
     out_dtype = DTYPE_CHOICES[dtype]
     with reg.session() as s:
         base, adapter = require_usable(load(s, base_ref)), require_usable(load(s, adapter_ref))
-        _check_pair(base, adapter, tags_of(s, base.id), force)
+        _check_pair(base, adapter, trained_on(s, base, adapter), force)  # the base lookup generate uses
         base_files = {f.path: (f.sha256, f.size) for f in base.files}
         adapter_files = {f.path: reg.store.path(f.sha256) for f in adapter.files}
         base_id, adapter_id, base_meta = base.id, adapter.id, dict(base.meta)
