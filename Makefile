@@ -8,7 +8,7 @@ DEMO_HOME ?= demo-home
 
 OLAH_VENV ?= .olah-venv
 
-.PHONY: venv test demo bench-verify bench-pull bench-merge bench-quantize clean services test-deps
+.PHONY: venv test demo bench-verify bench-pull bench-merge bench-quantize bench-startup clean services test-deps
 
 $(BIN)/registry: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ demo: venv
 	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry tag tiny-llama tiny-llama:demo
 	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry verify tiny-llama:demo
 	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry export tiny-llama:demo demo-export
-	cd demo-export && REGISTRY_HOME=../$(DEMO_HOME) ../$(BIN)/registry manifest tiny-llama --format sha256sum | sha256sum -c
+	cd demo-export && REGISTRY_HOME=$(abspath $(DEMO_HOME)) $(abspath $(BIN))/registry manifest tiny-llama --format sha256sum | sha256sum -c
 	$(BIN)/python -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('demo-export'); print('loaded', type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
 	REGISTRY_HOME=$(DEMO_HOME) $(BIN)/registry list
 
@@ -62,6 +62,9 @@ bench-merge: venv
 
 bench-quantize: venv
 	$(BIN)/python bench/quantize.py
+
+bench-startup: venv
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(VENV) $(OLAH_VENV) $(DEMO_HOME) demo-model demo-export bench/out

@@ -6,6 +6,7 @@ and times are the store's), else a copy. `--copy` never hardlinks. New folders a
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from .catalog import load, require_usable
 from .core import Registry
-from .errors import BadInput, OperationFailed
+from .errors import BadInput, DiskFull, OperationFailed
 from .folder import check_relative_path
 from .store import current_umask
 
@@ -51,8 +52,14 @@ def export_artifact(reg: Registry, ref: str | int, dest: str | os.PathLike, copy
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BadInput(f"{dest} already exists and is not an empty folder; choose a new folder")
     _, files = _files_of(reg, ref)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    except OSError as exc:  # a read-only or special file system, a parent that is a file, no permission
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull(f"disk full while creating {dest}; free space and try again") from None
+        reason = "a parent is not a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror or exc
+        raise BadInput(f"cannot create {dest}: {reason}; choose a folder you can write") from None
     try:
         _build_tree(reg, files, partial, "copy" if copy else "auto")
         os.chmod(partial, 0o777 & ~current_umask())  # mkdtemp made it private; the export follows the umask

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import Any
 
 import click
@@ -58,8 +59,12 @@ def artifact_details(d: dict[str, Any]) -> None:
         if key in meta:
             click.echo(f"{key + ':':<17}{meta[key]}")
     for key in ("peft_config", "quantization_config"):
-        if key in meta:
-            click.echo(f"{key}: {json.dumps(meta[key], sort_keys=True)}")
+        if isinstance(meta.get(key), dict):
+            click.echo(f"{key}:")
+            for line in nested_lines(meta[key], "  "):
+                click.echo(line)
+        elif key in meta:
+            click.echo(f"{key + ':':<17}{_scalar(meta[key])}")
     prov = d.get("provenance") or {}
     q = prov.get("quantization")
     if q:
@@ -94,6 +99,32 @@ def artifact_details(d: dict[str, Any]) -> None:
     click.echo("events:")
     for e in d["events"]:
         click.echo(f"  {e['at']}  {e['kind']}")
+
+
+def nested_lines(data: dict[str, Any], indent: str, width: int = 100) -> list[str]:
+    """A nested config (peft, quantization) as indented `key: value` lines, sorted by key, long lists wrapped.
+
+    Unset fields (None, empty lists, dicts and strings) are left out: peft writes thirty keys, most of them
+    unset, and `show --json` still has every field.
+    """
+    items = [(k, v) for k, v in sorted(data.items()) if v is not None and v != {} and v != [] and v != ""]
+    pad = min(max((len(k) for k, _ in items), default=0) + 2, 28)
+    lines = []
+    for key, value in items:
+        head = f"{indent}{(key + ':').ljust(pad - 1)} "
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.extend(nested_lines(value, indent + "  ", width))
+            continue
+        text = ", ".join(_scalar(v) for v in value) if isinstance(value, list) else _scalar(value)
+        lines.extend(textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head),
+                                   break_on_hyphens=False, break_long_words=False) or [head.rstrip()])
+    return lines
+
+
+def _scalar(value: Any) -> str:
+    """Strings as they are; numbers, booleans and anything nested as JSON (true, 0.05, {"a": 1})."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def verify_reports(reports: list[dict[str, Any]]) -> None:
@@ -165,7 +196,9 @@ def job_details(j: dict[str, Any]) -> None:
 def upstream_reports(checks) -> None:
     """`verify --upstream`: one line per file, then whether the branch moved."""
     for c in checks:
-        click.echo(f"{c.name}: {c.repo_id}@{c.commit[:12]} {'matches the hub' if c.ok else 'DIFFERS from the hub'}")
+        click.echo(f"{c.name}: {c.repo_id}@{c.commit[:12]} {'matches the hub' if c.ok else 'DIFFERS from the hub'} "
+                   f"at {c.endpoint}" + (" (no endpoint recorded; --endpoint URL asks another)"
+                                         if c.endpoint_source == "default" else ""))
         for f in c.files:
             extra = f"  expected {f['expected']}  actual {f['actual']}" if f["status"] == "mismatch" else ""
             click.echo(f"  {f['status'].upper() if f['status'] != 'ok' else 'ok':<12}{f['path']}{extra}")

@@ -1,7 +1,7 @@
 """The `registry` command: a thin click layer that parses, calls one library function and renders.
 
 One module per area registers its commands on the `cli` group: artifacts (import, pull, list, show, manifest,
-export, path, tag, rm), transform (merge, quantize, generate), integrity (verify, repair, fsck, gc) and jobs
+export, path, tag, rm, link), transform (merge, quantize, generate), integrity (verify, repair, fsck, gc) and jobs
 (jobs, job, cancel, worker); common holds the helpers they share.
 """
 from __future__ import annotations
@@ -14,9 +14,8 @@ import traceback
 import click
 
 from .. import render
-from ..core import Registry
 from ..errors import EXIT_USAGE, RegistryError
-from .common import _reg, _safe_url, json_option
+from .common import RegistryHolder, _reg, _safe_url, json_option
 
 _debug = False  # set by `registry --debug`; main() then prints the traceback of an unexpected error
 
@@ -39,16 +38,25 @@ def cli(ctx: click.Context, home: str | None, database_url: str | None, debug: b
     _debug = debug
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ctx.obj = Registry(home, database_url)
+    ctx.obj = RegistryHolder(home, database_url)  # the Registry (and the ORM) only when a command needs it
 
 
 @cli.command()
 @click.option("--home", type=click.Path(file_okay=False), help="Create the registry here instead.")
 @json_option
 def init(home: str | None, as_json: bool) -> None:
-    """Create the home folder and migrate the catalog database to the newest schema."""
+    """Create the home folder and migrate the catalog database to the newest schema.
+
+    Every command does this on first use; run it to set up a home or a shared database ahead of time.
+
+    \b
+    Examples:
+      registry init
+      registry init --home /mnt/shared/registry
+      REGISTRY_DATABASE_URL=postgresql+psycopg://user@db-host/registry registry init
+    """
     database_url = click.get_current_context().find_root().params["database_url"]
-    reg = Registry(home, database_url) if home else _reg()
+    reg = RegistryHolder(home, database_url).get() if home else _reg()
     reg.init()
     info = {"home": str(reg.home), "database_url": _safe_url(reg.settings.database_url)}
     render.emit_json(info) if as_json else click.echo(f"registry ready at {info['home']} ({info['database_url']})")
@@ -64,11 +72,11 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
-    except click.exceptions.NoArgsIsHelpError as exc:  # plain `registry`: the help is the answer
-        exc.show()
-        sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:  # plain `registry`: the help is the answer, not an error
+        click.echo(exc.ctx.get_help())
+        sys.exit(0)
     except click.UsageError as exc:
-        where = f"; see {exc.ctx.command_path} --help" if exc.ctx else ""
+        where = f"; see {exc.ctx.command_path if exc.ctx else _command_path(sys.argv[1:])} --help"
         click.echo(f"error: {_one_line(_lower_first(exc.format_message())).rstrip('.')}{where}", err=True)
         sys.exit(EXIT_USAGE)
     except click.ClickException as exc:
@@ -90,6 +98,18 @@ def main() -> None:
         else:
             click.echo(f"{line} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
+
+
+def _command_path(args: list[str]) -> str:
+    """'registry list' for `registry list --kind`: click's parser raises 'requires an argument' without a context."""
+    values = {"--home", "--database-url"}  # the group's options that take a value
+    skip = False
+    for arg in args:
+        if skip or arg.startswith("-"):
+            skip = arg in values and not skip
+            continue
+        return f"registry {arg}" if arg in cli.commands else "registry"
+    return "registry"
 
 
 def _one_line(message: str) -> str:

@@ -1,4 +1,4 @@
-"""Commands on artifacts: import, pull, list, show, manifest, export, path, tag, rm."""
+"""Commands on artifacts: import, pull, list, show, manifest, export, path, tag, rm, link."""
 from __future__ import annotations
 
 import sys
@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
-from .. import catalog, render
+from .. import render
 from ..errors import BadInput
 from ..manifest import canonical_json, sha256sum_lines
-from ..models import KINDS
+from ..schema import KINDS
 from . import cli
-from .common import _reg, _result, _run, _trust_command_line_endpoint, _worker_config, detach_option, json_option
+from .common import (_reg, _result, _run, _trust_command_line_endpoint, _worker_config, detach_option, int_range,
+                     json_option)
+from .common import _fast_read, catalog  # catalog: imported on first use (common.py says why)
 
 
 @cli.command("import")
@@ -30,9 +32,10 @@ def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detac
     """Register a local Hugging Face style model folder (or a cached snapshot).
 
     \b
-    registry import ./llama-7b --name llama-7b
-    registry import ./my-lora --name my-lora --base llama-7b
-    registry import --hf-cache meta-llama/Llama-2-7b-hf
+    Examples:
+      registry import ./llama-7b --name llama-7b
+      registry import ./my-lora --name my-lora --base llama-7b
+      registry import --hf-cache meta-llama/Llama-2-7b-hf
     """
     if hf_cache:
         if folder is not None:
@@ -50,6 +53,9 @@ def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detac
         verb = "registered" if r["created"] else "already registered"
         click.echo(f"{verb} {r['name']} ({r['kind']}) {r['digest']}: {r['files']} files, "
                    f"{render.human_size(r['size'])}, {render.human_size(r['bytes_added'])} added to the store")
+        if r.get("linked"):  # the import repaired the lineage of an artifact registered before
+            replaced = f", replacing {', '.join(r['linked']['replaced'])}" if r["linked"]["replaced"] else ""
+            click.echo(f"linked {r['name']} -> {r['linked']['parent']} (base){replaced}")
 
 
 @cli.command()
@@ -61,23 +67,32 @@ def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detac
               "command (default: HF_TOKEN, else the huggingface_hub login; a worker uses its config.toml).")
 @click.option("--name", help="Artifact name (default: the repo id).")
 @click.option("--kind", type=click.Choice(KINDS), help="Override the detected kind.")
-@click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 64), help="Parallel downloads.")
+@click.option("--workers", default=8, show_default=True, type=int_range(1, 64), help="Parallel downloads.")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Also point TAG at the result (repeatable). A "
+              "filtered pull (--include/--exclude) gets no other tag: REPO_ID:REVISION stays on the whole commit.")
 @detach_option
 @json_option
-def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, detach, as_json) -> None:
+def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, tags, detach, as_json) -> None:
     """Download REPO_ID[@REVISION] from the hub, verifying every file as it arrives.
 
+    The whole commit is named REPO_ID (REPO_ID@<commit> when that name holds another commit) and tagged
+    REPO_ID:REVISION. A filtered pull is named REPO_ID@<commit>-filtered-<digest> and tagged only with --tag.
+
     \b
-    registry pull meta-llama/Llama-2-7b-hf
-    registry pull org/model@v1.0 --include '*.safetensors' --include '*.json'
-    HF_ENDPOINT=https://mirror.example registry pull org/model
+    Examples:
+      registry pull meta-llama/Llama-2-7b-hf
+      registry pull org/model@v1.0 --include '*.safetensors' --include '*.json'
+      registry pull org/model --exclude '*.bin' --tag org/model:safetensors-only
+      HF_ENDPOINT=https://mirror.example registry pull org/model
     """
     from .. import hub
     from ..pull import pull_offline
 
     repo_id, revision = hub.parse_repo_ref(repo)
+    for t in tags:  # before anything is downloaded
+        catalog.check_name(t, "tag")
     if hub.offline():
-        found = pull_offline(_reg(), repo_id, revision)
+        found = pull_offline(_reg(), repo_id, revision, list(include), list(exclude))
         render.emit_json(found) if as_json else click.echo(
             f"offline: {repo_id}@{revision} is already registered as {found['name']} {found['digest']}")
         return
@@ -89,15 +104,35 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, deta
     # No token and no token file in params: anyone who can queue a job can read (and write) them.
     params = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": endpoint,
               "include": sorted(include), "exclude": sorted(exclude), "name": name, "kind": kind,
-              "workers": workers}
+              "workers": workers, "tags": sorted(set(tags))}
+    # The revision and tags are in the key: a pull that attached to another's job would not get its own tags.
     key = "pull:" + "|".join(str(params[k]) for k in ("endpoint", "repo_id", "commit", "include", "exclude",
-                                                       "name", "kind"))
+                                                       "name", "kind", "revision", "tags"))
     r = _result(_run("pull", params, key, detach, as_json), as_json)
     if r is not None:
-        click.echo(f"pulled {r['repo_id']}@{r['commit'][:12]} as {r['name']} ({r['kind']}) {r['digest']}: "
-                   f"{r['files']} files, {render.human_size(r['size'])}; downloaded {r['files_downloaded']} files "
-                   f"({render.human_size(r['bytes_downloaded'])}), the rest was already in the store; "
-                   f"tagged {r['tag']}")
+        click.echo(_pull_summary(r))
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
+def _pull_summary(r: dict) -> str:
+    """One line: what was pulled, what crossed the network, and the tags it got."""
+    n, total = r["files_downloaded"], r["files"]
+    got = f"downloaded {_files(n)} ({render.human_size(r['bytes_downloaded'])})"
+    if n == 0:
+        got += ", every file was already in the store"
+    elif n < total:
+        rest = "the other file was" if total - n == 1 else f"the other {total - n} files were"
+        got += f"; {rest} already in the store"
+    tags = r.get("tags", [r["tag"]] if r.get("tag") else [])
+    if tags:
+        tagged = f"tagged {', '.join(tags)}"
+    else:
+        tagged = f"not tagged (a filtered pull leaves {r['repo_id']}'s tags alone; --tag TAG tags it)"
+    return (f"pulled {r['repo_id']}@{r['commit'][:12]} as {r['name']} ({r['kind']}) {r['digest']}: "
+            f"{_files(total)}, {render.human_size(r['size'])}; {got}; {tagged}")
 
 
 @cli.command("list")
@@ -105,9 +140,18 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, deta
 @click.option("--deleted", is_flag=True, help="Include deleted artifacts.")
 @json_option
 def list_(kind: str | None, deleted: bool, as_json: bool) -> None:
-    """List registered artifacts, newest first."""
-    with _reg().read_session() as s:
-        items = [catalog.summary(s, a) for a in catalog.list_artifacts(s, kind, deleted)]
+    """List registered artifacts, newest first.
+
+    \b
+    Examples:
+      registry list
+      registry list --kind adapter --json
+      registry list --deleted
+    """
+    items = _fast_read(lambda c: c.summaries(kind, deleted))  # SQLite without the ORM, when it can (fastread.py)
+    if items is None:
+        with _reg().read_session() as s:
+            items = [catalog.summary(s, a) for a in catalog.list_artifacts(s, kind, deleted)]
     render.emit_json(items) if as_json else render.artifact_list(items)
 
 
@@ -118,9 +162,16 @@ def show(ref: str, as_json: bool) -> None:
     """Show an artifact: metadata, files, lineage up and down, jobs and events.
 
     REF is a name, a tag, or a digest prefix such as sha256:1a2b3c4d.
+
+    \b
+    Examples:
+      registry show llama-7b
+      registry show sha256:1a2b3c4d --json
     """
-    with _reg().session() as s:
-        data = catalog.details(s, catalog.resolve(s, ref))
+    data = _fast_read(lambda c: c.details(ref))  # SQLite without the ORM, when it can (fastread.py)
+    if data is None:
+        with _reg().session() as s:
+            data = catalog.details(s, catalog.resolve(s, ref))
     render.emit_json(data) if as_json else render.artifact_details(data)
 
 
@@ -133,6 +184,12 @@ def manifest(ref: str, fmt: str, as_json: bool) -> None:
 
     `--format sha256sum` prints lines that `sha256sum -c` accepts inside an exported folder. `--json` adds the
     metadata and provenance, which are not part of the digest.
+
+    \b
+    Examples:
+      registry manifest llama-7b | sha256sum
+      cd ./out && registry manifest llama-7b --format sha256sum | sha256sum -c
+      registry manifest llama-7b --json
     """
     with _reg().session() as s:
         artifact = catalog.resolve(s, ref)
@@ -156,7 +213,12 @@ def export(ref: str, dest: Path, copy: bool) -> None:
     """Write an artifact to a new folder that transformers' from_pretrained loads.
 
     Each file is a reflink (copy-on-write, on btrfs/xfs) where possible, else a hardlink to the store's
-    read-only blob, else a copy.
+    read-only blob, else a copy. DEST must not exist, or be an empty folder.
+
+    \b
+    Examples:
+      registry export llama-7b ./llama-7b
+      registry export llama-7b:prod /srv/models/llama --copy
     """
     from ..export import export_artifact
 
@@ -165,18 +227,39 @@ def export(ref: str, dest: Path, copy: bool) -> None:
 
 @cli.command()
 @click.argument("ref")
-def path(ref: str) -> None:
-    """Print a stable read-only snapshot folder of an artifact (for from_pretrained)."""
+@click.option("--json", "as_json", is_flag=True, help="Print {ref, digest, path} as JSON.")
+def path(ref: str, as_json: bool) -> None:
+    """Print a stable read-only snapshot folder of an artifact (for from_pretrained).
+
+    The folder is <home>/snapshots/<digest>, made once; `registry gc` removes it once no artifact has that
+    digest.
+
+    \b
+    Examples:
+      registry path llama-7b
+      python -c "from transformers import AutoModel; AutoModel.from_pretrained('$(registry path llama-7b)')"
+      registry path llama-7b --json
+    """
     from ..export import snapshot_path
 
-    click.echo(str(snapshot_path(_reg(), ref)))
+    folder = snapshot_path(_reg(), ref)
+    if as_json:
+        render.emit_json({"ref": ref, "digest": f"sha256:{folder.name}", "path": str(folder)})
+    else:
+        click.echo(str(folder))
 
 
 @cli.command()
 @click.argument("ref")
 @click.argument("tag")
 def tag(ref: str, tag: str) -> None:
-    """Point TAG (e.g. llama-7b:prod) at an artifact, moving it if it exists."""
+    """Point TAG (e.g. llama-7b:prod) at an artifact, moving it if it exists.
+
+    \b
+    Examples:
+      registry tag llama-7b llama-7b:prod
+      registry tag sha256:1a2b3c4d llama-7b:prod
+    """
     with _reg().session() as s:
         artifact, previous = catalog.set_tag(s, ref, tag)
     moved = f" (moved from {previous[:19]})" if previous and previous != artifact.digest else ""
@@ -187,9 +270,47 @@ def tag(ref: str, tag: str) -> None:
 @click.argument("ref")
 @click.option("--force", is_flag=True, help="Remove even though other artifacts derive from it.")
 def rm(ref: str, force: bool) -> None:
-    """Remove an artifact from the catalog; its blobs are freed by `registry gc`."""
+    """Remove an artifact from the catalog; its blobs are freed by `registry gc`.
+
+    Refused (exit 2) while other artifacts derive from it, unless --force.
+
+    \b
+    Examples:
+      registry rm llama-7b-old && registry gc
+      registry rm llama-7b --force
+    """
     with _reg().session() as s:
         tags = catalog.tags_of(s, catalog.resolve(s, ref).id)
         artifact = catalog.remove_artifact(s, ref, force)
     dropped = f" and its tags {', '.join(tags)}" if tags else ""
     click.echo(f"removed {artifact.name} {artifact.digest[:19]}{dropped}; run registry gc to free its blobs")
+
+
+@cli.command("link")
+@click.argument("child")
+@click.argument("parent")
+@click.option("--role", type=click.Choice(["base", "adapter"]), default="base", show_default=True,
+              help="base: the model CHILD was trained on or made from; adapter: the adapter a merged CHILD holds.")
+@click.option("--force", is_flag=True, help="Replace a live parent CHILD is already linked to in this role.")
+@json_option
+def link_(child: str, parent: str, role: str, force: bool, as_json: bool) -> None:
+    """Record that CHILD derives from PARENT (lineage), e.g. an adapter and the base it was trained on.
+
+    A child has one parent per role. Linking again is a no-op; a link to a removed parent is replaced (a base
+    removed and imported again); a live one only with --force. Self-links and cycles are refused.
+
+    \b
+    Examples:
+      registry link my-lora llama-7b --role base
+      registry link my-lora llama-7b-v2 --role base --force
+      registry link my-lora-merged my-lora --role adapter
+    """
+    with _reg().session() as s:
+        result = catalog.link(s, catalog.resolve(s, child), catalog.resolve(s, parent), role, force)
+    if as_json:
+        render.emit_json(result.to_dict())
+    elif not result.changed:
+        click.echo(f"{result.child} -> {result.parent} ({role}) was already linked; nothing changed")
+    else:
+        replaced = f", replacing {', '.join(result.replaced)}" if result.replaced else ""
+        click.echo(f"linked {result.child} -> {result.parent} ({role}, {result.parent_digest[:19]}){replaced}")

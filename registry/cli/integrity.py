@@ -5,37 +5,52 @@ import sys
 
 import click
 
-from .. import catalog, render
+from .. import render
 from ..errors import BadInput
 from . import cli
 from .common import _reg, _run, _trust_command_line_endpoint, _worker_config, detach_option, json_option
+from .common import _fast_read, catalog  # catalog: imported on first use (common.py says why)
 
 
 @cli.command()
 @click.argument("refs", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Verify every artifact.")
-@click.option("--quick", is_flag=True, help="Compare stat stamps only (size, mtime, inode); reads no bytes.")
+@click.option("--quick", is_flag=True, help="Compare stat stamps only (size, mtime, inode); reads no bytes. "
+                                            "Not with --upstream.")
 @click.option("--upstream", is_flag=True, help="Compare pulled artifacts with the hub's hashes for their pinned "
                                                "commit, and say whether the branch has moved since.")
 @click.option("--endpoint", help="Hub or mirror to ask with --upstream, trusted for this command (default: the "
-                                 "one each artifact was pulled from).")
+                                 "one each artifact was pulled from, or HF_ENDPOINT at its --hf-cache import; "
+                                 "none recorded: HF_ENDPOINT, else the public hub).")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Token for --upstream, sent to --endpoint "
               "(default: HF_ENDPOINT, else the public hub) only (default token: HF_TOKEN).")
 @detach_option
 @json_option
 def verify(refs: tuple[str, ...], all_: bool, quick: bool, upstream: bool, endpoint: str | None,
            token_file: str | None, detach: bool, as_json: bool) -> None:
-    """Re-hash every file of the artifacts against their manifests; exit 1 on any failure."""
+    """Re-hash every file of the artifacts against their manifests; exit 1 on any failure.
+
+    \b
+    Examples:
+      registry verify llama-7b
+      registry verify --all --quick
+      registry verify --upstream meta-llama/Llama-2-7b-hf
+    """
     if not refs and not all_:
         raise BadInput("name at least one artifact to verify, or pass --all")
     if upstream:
+        if quick:  # it would mean nothing new: --upstream never reads the LFS files (the large ones) anyway
+            raise BadInput("--quick does not go with --upstream: --upstream compares LFS files by their recorded "
+                           "sha256 without reading them and re-hashes only the small git files; drop --quick")
         return _verify_upstream(refs, all_, endpoint, token_file, as_json)
     if endpoint or token_file:
         raise BadInput("--endpoint and --token-file go with --upstream")
-    with _reg().session() as s:  # resolve once: the job names these artifacts by id, not a movable tag or digest
-        ids = sorted({catalog.resolve(s, r).id for r in refs})
-    params = {"artifact_ids": ids, "all": all_, "quick": quick}
-    job = _run("verify", params, f"verify:{'all' if all_ else ','.join(map(str, ids))}:{quick}", detach, as_json)
+    # A quick check here on SQLite needs no ORM (fastread.py); it records the same job and events.
+    job = _fast_read(lambda c: c.verify_quick(refs, all_, _verify_request)) if quick and not detach else None
+    if job is None:
+        with _reg().session() as s:  # resolve once: the job names these artifacts by id, not a movable tag or digest
+            ids = sorted({catalog.resolve(s, r).id for r in refs})
+        job = _run("verify", *_verify_request(ids, all_, quick), detach, as_json)
     if job is None:
         return
     reports = job.result["artifacts"]
@@ -43,6 +58,12 @@ def verify(refs: tuple[str, ...], all_: bool, quick: bool, upstream: bool, endpo
         else render.verify_reports(reports)
     if job.state != "succeeded":
         sys.exit(job.exit_code or 1)
+
+
+def _verify_request(ids: list[int], all_: bool, quick: bool) -> tuple[dict, str]:
+    """A verify job's params and dedup key."""
+    key = f"verify:{'all' if all_ else ','.join(map(str, ids))}:{quick}"
+    return {"artifact_ids": ids, "all": all_, "quick": quick}, key
 
 
 def _verify_upstream(refs: tuple[str, ...], all_: bool, endpoint: str | None, token_file: str | None,
@@ -83,6 +104,11 @@ def repair(ref: str, detach: bool, as_json: bool) -> None:
     A pulled artifact re-downloads them from its endpoint and commit (the endpoint must be trusted: the
     public hub, HF_ENDPOINT or config.toml); an imported one re-reads them from its source folder when they
     still have the content that was imported. Exit 1 when a file cannot be restored.
+
+    \b
+    Examples:
+      registry verify llama-7b || registry repair llama-7b
+      registry repair llama-7b --json
     """
     from ..repair import resolve_for_repair
 
@@ -119,6 +145,12 @@ def fsck(rebuild_catalog: bool, write_records: bool, as_json: bool) -> None:
 
     Exit 1 when they disagree. Every artifact's record is kept in the store, so a lost catalog can be rebuilt:
     point REGISTRY_DATABASE_URL at an empty database (or remove the SQLite file) and run --rebuild-catalog.
+
+    \b
+    Examples:
+      registry fsck
+      registry fsck --write-records
+      REGISTRY_DATABASE_URL=postgresql+psycopg://user@db-host/new registry fsck --rebuild-catalog
     """
     from .. import fsck as checks
 
@@ -158,6 +190,12 @@ def gc(dry_run: bool, all_temp: bool, as_json: bool) -> None:
     """Delete blobs no artifact references, stale temporary files and stale snapshots.
 
     Safe beside running imports, pulls and jobs: blobs they are using are pinned and kept.
+
+    \b
+    Examples:
+      registry gc --dry-run
+      registry gc
+      registry gc --all-temp --json
     """
     from ..gc import collect_garbage
 

@@ -1,23 +1,28 @@
 """Job queue commands: jobs, job, cancel, worker."""
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
-from .. import jobs, render
-from ..models import JOB_STATES
+from .. import render
+from ..schema import DEFAULT_LEASE_SECONDS, JOB_STATES
 from . import cli
-from .common import _reg, json_option
+from .common import _reg, float_range, int_range, jobs, json_option  # jobs: imported on first use (common.py)
 
 
 @cli.command("jobs")
 @click.option("--state", type=click.Choice(JOB_STATES), help="Only jobs in this state.")
-@click.option("--limit", default=50, show_default=True, help="Show at most this many.")
+@click.option("--limit", default=50, show_default=True, type=int_range(1), help="Show at most this many.")
 @json_option
 def jobs_(state: str | None, limit: int, as_json: bool) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first.
+
+    \b
+    Examples:
+      registry jobs --state running
+      registry jobs --state failed --limit 5 --json
+    """
     with _reg().read_session() as s:
         items = [jobs.job_dict(j) for j in jobs.list_jobs(s, state, limit)]
     if as_json:
@@ -27,42 +32,75 @@ def jobs_(state: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=int_range(1, 2**63 - 1))
 @json_option
 def job(job_id: int, as_json: bool) -> None:
-    """Show one job: state, attempts, progress, result or error."""
+    """Show one job: state, attempts, progress, result or error.
+
+    \b
+    Examples:
+      registry job 12
+      registry job 12 --json
+    """
     with _reg().read_session() as s:
         data = jobs.job_dict(jobs.get(s, job_id))
     render.emit_json(data) if as_json else render.job_details(data)
 
 
 @cli.command()
-@click.argument("job_id", type=int)
-def cancel(job_id: int) -> None:
-    """Cancel a queued job, or ask a running one to stop."""
+@click.argument("job_id", type=int_range(1, 2**63 - 1))
+@json_option
+def cancel(job_id: int, as_json: bool) -> None:
+    """Cancel a queued job, or ask a running one to stop at its next progress update.
+
+    A job that has already finished (succeeded, failed or cancelled) is left as it is: the command says so
+    and exits 0, since the job is not running either way (`--json` gives "cancelled": false).
+
+    \b
+    Examples:
+      registry cancel 12
+      registry cancel 12 --json
+    """
     with _reg().session() as s:
+        before = jobs.get(s, job_id).state
         j = jobs.cancel(s, job_id)
-        state, requested = j.state, j.cancel_requested
-    click.echo(f"job {job_id}: {'cancel requested' if state == 'running' and requested else state}")
+        state = j.state
+    cancelled = before in ("queued", "running")
+    if as_json:
+        render.emit_json({"job": job_id, "state": state, "cancelled": cancelled})
+    elif before == "queued":
+        click.echo(f"job {job_id} cancelled before it ran")
+    elif before == "running":
+        click.echo(f"job {job_id}: cancel requested; it stops at its next progress update (see registry job {job_id})")
+    else:
+        click.echo(f"job {job_id} already {state}; nothing to cancel")
 
 
 @cli.command()
 @click.option("--once", is_flag=True, help="Exit when no job is left to run.")
-@click.option("--lease", default=jobs.DEFAULT_LEASE_SECONDS, show_default=True,
+@click.option("--lease", default=DEFAULT_LEASE_SECONDS, show_default=True, type=float_range(1),
               help="Seconds a claimed job stays ours without a heartbeat.")
-@click.option("--poll", default=1.0, show_default=True, help="Seconds between looks at an empty queue.")
-@click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(0),
+@click.option("--poll", default=1.0, show_default=True, type=float_range(0, min_open=True),
+              help="Seconds between looks at an empty queue.")
+@click.option("--grace", default=30.0, show_default=True, type=float_range(0),
               help="Seconds the current job may take to finish after SIGTERM/SIGINT before it is re-queued.")
 def worker(once: bool, lease: float, poll: float, grace: float) -> None:
     """Run one worker: claim queued jobs and run them until stopped.
 
     SIGTERM or Ctrl-C stops claiming and lets the current job finish (up to --grace seconds); a second one,
     or the grace running out, puts the job back in the queue for another worker and exits with code 130.
+
+    \b
+    Examples:
+      registry worker
+      registry worker --once
+      registry worker --lease 120 --grace 300
     """
     from ..errors import WorkerStopped
     from ..workers import worker_loop
+    from ..workers.runner import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(bool(click.get_current_context().find_root().params.get("debug")))
     reg = _reg()
     reg.init()
     try:
