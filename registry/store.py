@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Protocol
 
 from .errors import BadInput, DiskFull, OperationFailed
+from .fsutil import (LOCK_NAME, TempFile, disk_error, durable_mkdir, fsync_dir, held, reflink, remove_tree,
+                     remove_unheld_dir, remove_unheld_file, still_named, tree_size)
 from .records import RecordStore
 
 CHUNK = 8 * 1024 * 1024
@@ -34,10 +36,7 @@ GIT_SHA1_MAX = 10 * 1024 * 1024
 ProgressFn = Callable[[int], None]
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 PARTIAL_PREFIX = "pull-"
-LOCK_NAME = ".lock"  # inside a scratch folder: held by the process using it
-FICLONE = 0x40049409  # Linux ioctl: share the source's extents (btrfs, xfs, bcachefs); a copy that costs no space
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES)
-_NO_REFLINK = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EBADF)
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ def write_all(sink: BinaryIO, data: bytes | memoryview) -> None:
                 raise OSError(errno.ENOSPC, "short write to the store")
             data = data[written:]
     except OSError as exc:
-        raise _disk_error(exc) from None
+        raise disk_error(exc) from None
 
 
 def hash_file(path: Path, progress: ProgressFn | None = None) -> tuple[str, int]:
@@ -317,11 +316,11 @@ class LocalStore:
         if dest.exists() and not replace:
             tmp_path.unlink(missing_ok=True)
             return Ingested(sha, size, False, StatStamp.of(dest))
-        _durable_mkdir(dest.parent)
+        durable_mkdir(dest.parent)
         os.chmod(tmp_path, self._file_mode())
         os.replace(tmp_path, dest)  # atomic; a concurrent identical ingest just replaces equal bytes
-        _fsync_dir(dest.parent)  # the new name
-        _fsync_dir(tmp_path.parent)  # the old name's removal
+        fsync_dir(dest.parent)  # the new name
+        fsync_dir(tmp_path.parent)  # the old name's removal
         return Ingested(sha, size, True, StatStamp.of(dest))
 
     def _pin(self, sha: str) -> None:
@@ -331,8 +330,8 @@ class LocalStore:
     def _file_mode(self) -> int:
         return self._configured_mode if self._configured_mode is not None else 0o444 & ~current_umask()
 
-    def _temp_file(self) -> "_TempFile":
-        return _TempFile(self._tmp)
+    def _temp_file(self) -> "TempFile":
+        return TempFile(self._tmp)
 
     # -- removing --------------------------------------------------------------------------------------
 
@@ -370,9 +369,9 @@ class LocalStore:
         for path in sorted(self._tmp.iterdir()):
             try:
                 st = path.lstat()
-                if _held(path):
+                if held(path):
                     continue
-                size = _tree_size(path) if path.is_dir() else st.st_size
+                size = tree_size(path) if path.is_dir() else st.st_size
             except FileNotFoundError:
                 continue  # finished (published or cleaned up) while we looked
             yield TempEntry(path.name, size, now - st.st_mtime,
@@ -383,8 +382,8 @@ class LocalStore:
         path = self._tmp / entry.name
         try:
             if path.is_dir() and not path.is_symlink():
-                return _remove_unheld_dir(path)
-            return _remove_unheld_file(path)
+                return remove_unheld_dir(path)
+            return remove_unheld_file(path)
         except FileNotFoundError:
             return False
 
@@ -393,14 +392,14 @@ class LocalStore:
         """A private folder in the store's temp area, on the store's file system (so results can be
         renamed in); held by a lock so gc leaves it alone while we live, and removed on exit."""
         self._tmp.mkdir(parents=True, exist_ok=True)
-        while True:  # made, then locked: if gc took the folder in between, make another (see _TempFile)
+        while True:  # made, then locked: if gc took the folder in between, make another (see TempFile)
             path = Path(tempfile.mkdtemp(dir=self._tmp, prefix=f"{prefix}-"))
             try:
                 lock = open(path / LOCK_NAME, "wb")
             except FileNotFoundError:
                 continue
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if _still_named(path / LOCK_NAME, lock):
+            if still_named(path / LOCK_NAME, lock):
                 break
             lock.close()
         try:
@@ -417,7 +416,7 @@ class LocalStore:
         is one). how="link": hardlink, else copy (read-only snapshots, which share the store's inode).
         """
         source = self.path(sha256)
-        if how in ("auto", "copy") and _reflink(source, dest):
+        if how in ("auto", "copy") and reflink(source, dest):
             return "reflink"
         if how in ("auto", "link"):
             try:
@@ -429,7 +428,7 @@ class LocalStore:
         try:
             shutil.copyfile(source, dest)  # a new file: its mode follows the umask
         except OSError as exc:
-            raise _disk_error(exc) from None
+            raise disk_error(exc) from None
         return "copy"
 
 
@@ -472,7 +471,7 @@ class BlobWriter:
         try:
             os.fsync(self.file.fileno())
         except OSError as exc:
-            raise _disk_error(exc) from None
+            raise disk_error(exc) from None
         if os.fstat(self.file.fileno()).st_size != self.size:
             raise OperationFailed(f"the store wrote {os.fstat(self.file.fileno()).st_size} of {self.size} bytes; "
                                   "check the disk and try again")
@@ -514,155 +513,8 @@ class PartialDownload:
         try:
             os.fsync(self.file.fileno())
         except OSError as exc:
-            raise _disk_error(exc) from None
+            raise disk_error(exc) from None
         return self.store._publish(self.path, sha256, size, replace=replace)
 
     def __exit__(self, *exc) -> None:
         self.file.close()
-
-
-class _TempFile:
-    """Context manager: an exclusively locked temp file; deleted on exit if it still exists.
-
-    mkstemp and flock are two steps, so after locking we check the name is still our file: gc removes a
-    temp file only while holding its lock, so once we hold it and the name is ours, gc cannot take it;
-    if gc took it in between, we simply make another."""
-
-    def __init__(self, tmp_dir: Path):
-        self.tmp_dir = tmp_dir
-
-    def __enter__(self) -> tuple[Path, BinaryIO]:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="ingest-")
-            self.path = Path(name)
-            self.file = os.fdopen(fd, "wb", buffering=0)
-            fcntl.flock(self.file, fcntl.LOCK_EX)  # gc skips temp files that a live process holds locked
-            if _still_named(self.path, self.file):
-                return self.path, self.file
-            self.file.close()
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)  # before closing: while locked, gc cannot be looking at it
-        self.file.close()
-
-
-def _still_named(path: Path, file: BinaryIO) -> bool:
-    """True when `path` still names the open file (gc did not remove it before we locked it)."""
-    try:
-        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
-    except FileNotFoundError:
-        return False
-
-
-def _held(path: Path) -> bool:
-    """True when a live process holds the entry's lock (a folder's lock is its `.lock` file)."""
-    target = path / LOCK_NAME if path.is_dir() and not path.is_symlink() else path
-    try:
-        with open(target, "rb") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except FileNotFoundError:
-        if target is path:
-            raise
-    return False
-
-
-def _remove_unheld_file(path: Path) -> bool:
-    with open(path, "rb") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        # The name may now be a new file (a partial's name is reused): remove only the inode we hold.
-        if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:
-            return False
-        path.unlink()
-        return True
-
-
-def _remove_unheld_dir(path: Path) -> bool:
-    lock_path = path / LOCK_NAME
-    lock = None
-    try:
-        lock = open(lock_path, "rb")
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        return False
-    except FileNotFoundError:
-        pass  # a folder from a crash before its lock was made (or an old version): nobody holds it
-    try:
-        # Move it aside while we hold its lock, so nothing can start using it while it is half removed.
-        doomed = path.with_name(f".removing-{path.name}")
-        path.rename(doomed)
-    finally:
-        if lock is not None:
-            lock.close()
-    remove_tree(doomed)
-    return True
-
-
-def _tree_size(root: Path) -> int:
-    total = 0
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
-def remove_tree(root: Path) -> None:
-    """Delete a folder tree even where read-only folders would stop shutil.rmtree."""
-    for dirpath, _, _ in os.walk(root):
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(dirpath, 0o700)
-    shutil.rmtree(root, ignore_errors=False, onerror=_ignore_missing)
-
-
-def _ignore_missing(func, path, exc_info) -> None:
-    if not isinstance(exc_info[1], FileNotFoundError):
-        raise exc_info[1]
-
-
-def _reflink(source: Path, dest: Path) -> bool:
-    """Clone `source` into a new file `dest` (copy-on-write); False where the file system cannot."""
-    with open(source, "rb") as src:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode follows the umask
-        try:
-            fcntl.ioctl(fd, FICLONE, src.fileno())
-            return True
-        except OSError as exc:
-            if exc.errno not in _NO_REFLINK:
-                raise
-        finally:
-            os.close(fd)
-    os.unlink(dest)
-    return False
-
-
-def _durable_mkdir(path: Path) -> None:
-    """mkdir -p, fsyncing each new folder's parent so the new entry survives a power cut."""
-    if path.is_dir():
-        return
-    _durable_mkdir(path.parent)
-    try:
-        path.mkdir()
-    except FileExistsError:
-        return
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _disk_error(exc: OSError) -> Exception:
-    if exc.errno == errno.ENOSPC:
-        return DiskFull("disk full while writing to the store; free space (registry gc) and try again")
-    return exc
