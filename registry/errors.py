@@ -1,6 +1,6 @@
 """Every error the registry raises on purpose, each carrying the exit code the CLI returns.
 
-Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found.
+Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found, 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, or `registry worker` stopped by a second signal
 
 
 class RegistryError(Exception):

@@ -26,7 +26,7 @@ from .catalog import record_event
 from .core import Registry
 from .db import db_now
 from .errors import BadInput
-from .gclock import GcSection
+from .gclock import GcSection, release_pins_of_gone_processes
 from .models import Artifact, Blob, BlobPin, File
 from .store import remove_tree
 
@@ -88,6 +88,7 @@ def _blobs(reg: Registry, report: GcReport, grace: float, dry_run: bool) -> None
     cutoff = time.time() - grace
     with GcSection(reg.settings) as s:
         now = db_now(s)
+        release_pins_of_gone_processes(s, store)  # rolled back with the rest on a dry run
         referenced = set(s.scalars(select(File.sha256).distinct()))
         pinned = set(s.scalars(select(BlobPin.sha256).where(BlobPin.expires_at > now)))
         rows = set(s.scalars(select(Blob.sha256)))

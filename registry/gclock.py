@@ -13,7 +13,8 @@ rows, COMMITS, deletes those files, then releases the lock. An ingest pins a dig
 blob_pins, under the shared lock) before it checks whether the blob file exists; registration, under the
 shared lock, checks every file is present with the right size, inserts its rows and drops its pins in
 one transaction. So an artifact never references a missing blob, and a blob gc removed before it was
-pinned is simply written again. Pins expire (PIN_TTL), so a crashed job's pins do not live forever.
+pinned is simply written again. Pins expire (PIN_TTL), so a crashed job's pins do not live forever; gc releases
+at once those of a process gone from its own host (release_pins_of_gone_processes).
 
 When an operation ends without registering what it pinned (a failed or cancelled job, a failed import or
 pull), it hands those blobs to gc: in the transaction that drops its pins it gives each one that has no
@@ -39,6 +40,7 @@ from sqlalchemy.orm import Session
 from .config import Settings
 from .db import db_now, get_engine, session_scope, translate_db_errors
 from .errors import OperationFailed, RegistryError
+from .jobs import owner_is_dead
 from .models import Blob, BlobPin
 
 GC_LOCK_KEY = 7412894  # PostgreSQL advisory lock id (migrations use 7412893)
@@ -220,6 +222,16 @@ def release_all_pins(store) -> None:
             s.execute(delete(BlobPin).where(BlobPin.owner == pins.owner))
     except (RegistryError, SQLAlchemyError):  # the job's own outcome matters more than a leftover pin
         pass
+
+
+def release_pins_of_gone_processes(session: Session, store) -> None:
+    """For gc, inside its exclusive section: a process killed or crashed on this host could not release its pins;
+    release them for it (as release_all_pins would have), so what it stored goes at this gc, not after PIN_TTL.
+    Owners on other hosts, or whose process this host cannot see, keep their pins until they expire."""
+    for owner in sorted(set(session.scalars(select(BlobPin.owner).distinct()))):
+        if owner_is_dead(owner):  # owner: host:pid:random, as for job leases
+            _hand_to_gc(session, store, sorted(session.scalars(select(BlobPin.sha256).where(BlobPin.owner == owner))))
+            session.execute(delete(BlobPin).where(BlobPin.owner == owner))
 
 
 def release_pins(store, shas: Iterable[str]) -> None:

@@ -52,12 +52,13 @@ def generate(reg: Registry, ref: str, prompt: str, chat: bool = False, max_new_t
         adapter_dir) else AutoTokenizer.from_pretrained(model_dir)
     from .progress import engine_output
 
-    with engine_output():  # a GPTQ model loads through GPTQModel, which talks on stdout
+    # A GPTQ model loads through GPTQModel, and peft imports it when installed: both talk on stdout.
+    with engine_output():
         model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device)
-    if adapter_dir:
-        from peft import PeftModel
+        if adapter_dir:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
+            model = PeftModel.from_pretrained(model, adapter_dir)
     text = chat_prompt(tokenizer, prompt) if chat else prompt
     inputs = tokenizer(text, return_tensors="pt").to(device)
     # The timeout is a safety net: the loop below looks at the thread at least once a second.

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,20 +39,48 @@ class ImportResult:
         return asdict(self)
 
 
+class _Stopped(Exception):
+    """An ingest thread stops because another file failed or the import was interrupted (Ctrl-C)."""
+
+
 def ingest_files(reg: Registry, files: dict[str, Path], link: bool, reporter: Reporter) -> dict[str, Ingested]:
-    """Hash and store every file, in parallel over files."""
+    """Hash and store every file, in parallel over files.
+
+    On any error, Ctrl-C included, the other files stop at their next chunk and this waits for them before
+    unpinning what got in: a thread that ran on would pin blobs after the job released its pins, and those
+    pins would keep gc from freeing the blobs for PIN_TTL.
+    """
     reporter.start(sum(p.stat().st_size for p in files.values()), "B", "importing")
-    workers = min(len(files), os.cpu_count() or 1) or 1
-    with ThreadPoolExecutor(workers) as pool:
-        futures = {rel: pool.submit(reg.store.ingest_file, path, link, reporter.advance)
-                   for rel, path in files.items()}
-    failure = next((fut.exception() for fut in futures.values() if fut.exception()), None)
-    if failure is not None:  # unpin what did get in, so gc may free it without waiting for the pins to expire
-        release_pins(reg.store, (fut.result().sha256 for fut in futures.values() if not fut.exception()))
-        raise failure
-    result = {rel: fut.result() for rel, fut in futures.items()}
+    stop = threading.Event()
+
+    def advance(n: int) -> None:
+        if stop.is_set():
+            raise _Stopped()
+        reporter.advance(n)
+
+    def ingest(path: Path) -> Ingested:
+        if stop.is_set():  # queued before the failure: do not start
+            raise _Stopped()
+        return reg.store.ingest_file(path, link, advance)
+
+    pool = ThreadPoolExecutor(min(len(files), os.cpu_count() or 1) or 1)
+    futures: dict[str, Future] = {}
+    try:
+        futures = {rel: pool.submit(ingest, path) for rel, path in files.items()}
+        wait(futures.values(), return_when=FIRST_EXCEPTION)  # Ctrl-C interrupts this wait
+        failure = next((fut.exception() for fut in futures.values() if fut.done() and fut.exception()), None)
+        if failure is not None:
+            raise failure
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)  # quick: running files stop at their next chunk
+        # Unpin what did get in, so gc may free it without waiting for the pins to expire.
+        release_pins(reg.store, (fut.result().sha256 for fut in futures.values()
+                                 if fut.done() and not fut.cancelled() and fut.exception() is None))
+        raise
+    pool.shutdown()
     reporter.finish()
-    return result
+    return {rel: fut.result() for rel, fut in futures.items()}
 
 
 def import_folder(reg: Registry, folder: str | os.PathLike, name: str, kind: str | None = None,

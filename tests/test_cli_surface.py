@@ -36,6 +36,7 @@ def test_bare_registry_prints_the_help_and_exits_0(home):
 @pytest.mark.parametrize("args, message", [
     (["--bogus"], "error: no such option '--bogus'; see registry --help"),
     (["nocmd"], "error: no such command 'nocmd'; see registry --help"),
+    (["lst"], "error: no such command 'lst' (did you mean 'list'?); see registry --help"),
     (["--home"], "error: option '--home' requires an argument; see registry --help"),
     (["list", "--kind"], "error: option '--kind' requires an argument; see registry list --help"),
     (["show", "x", "--bogus"], "error: no such option '--bogus'; see registry show --help"),

@@ -135,11 +135,14 @@ class StopSignals:
 
 def run_job(reg: Registry, job_id: int, owner: str, lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS,
             terminal: Reporter | None = None, cancel_on_interrupt: bool = True,
-            signals: StopSignals | None = None) -> Job:
+            signals: StopSignals | None = None, raise_unexpected: bool = False) -> Job:
     """Run a job already claimed by `owner` to its end and record the outcome; returns the final row.
 
     Ctrl-C (KeyboardInterrupt) cancels the job when `cancel_on_interrupt`, else gives it back to the queue.
+    With `raise_unexpected` (the CLI), an unexpected error that failed the job for good is raised once recorded,
+    so the command reports it as any unexpected error: with the --debug hint, or the traceback.
     """
+    unexpected: Exception | None = None
     with reg.read_session() as s:
         job = jobs.get(s, job_id)
         job_type, params = job.type, dict(job.params)
@@ -177,6 +180,7 @@ def run_job(reg: Registry, job_id: int, owner: str, lease_seconds: float = jobs.
     except Exception as exc:  # unexpected: worth another attempt after a backoff
         log.debug("job %s failed", job_id, exc_info=True)
         _record(reg, lambda s: jobs.fail(s, job_id, owner, f"{type(exc).__name__}: {exc}", 1, retry=True))
+        unexpected = exc
     else:
         if outcome.error:
             _record(reg, lambda s: jobs.fail(s, job_id, owner, outcome.error, outcome.exit_code, retry=False,
@@ -188,7 +192,10 @@ def run_job(reg: Registry, job_id: int, owner: str, lease_seconds: float = jobs.
         jobs.current_lease.reset(lease_token)
         release_all_pins(reg.store)
         reporter.finish()
-    return _final(reg, job_id)
+    final = _final(reg, job_id)
+    if unexpected is not None and raise_unexpected and final.state == "failed":
+        raise unexpected
+    return final
 
 
 def _record(reg: Registry, action: Callable) -> None:
@@ -207,7 +214,9 @@ def _final(reg: Registry, job_id: int) -> Job:
 def run_or_attach(reg: Registry, job_type: str, params: dict, dedup_key: str | None,
                   terminal: Reporter | None = None, detach: bool = False,
                   lease_seconds: float = jobs.DEFAULT_LEASE_SECONDS) -> Job:
-    """The CLI path: queue the job (or find the identical one), then run it here or wait for whoever runs it."""
+    """The CLI path: queue the job (or find the identical one), then run it here or wait for whoever runs it.
+
+    An unexpected error that ends the job's last attempt here is raised (the CLI prints it with the --debug hint)."""
     with reg.session() as s:
         job, created = jobs.enqueue(s, job_type, params, dedup_key)
         job_id = job.id
@@ -229,7 +238,8 @@ def run_or_attach(reg: Registry, job_type: str, params: dict, dedup_key: str | N
                 current = jobs.get(s, job_id)
             if claimed is not None:
                 # Ctrl-C cancels only a job this command queued; one it attached to goes back to the queue.
-                final = run_job(reg, job_id, owner, lease_seconds, terminal, cancel_on_interrupt=created)
+                final = run_job(reg, job_id, owner, lease_seconds, terminal, cancel_on_interrupt=created,
+                                raise_unexpected=True)
                 if final.state in FINISHED:
                     return final
                 continue  # queued for a retry (wait out the backoff), or our lease was lost: look again

@@ -10,11 +10,12 @@ import logging
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 import click
 
 from .. import render
-from ..errors import EXIT_USAGE, RegistryError
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, RegistryError
 from .common import RegistryHolder, _reg, _safe_url, json_option
 
 _debug = False  # set by `registry --debug`; main() then prints the traceback of an unexpected error
@@ -32,7 +33,7 @@ _debug = False  # set by `registry --debug`; main() then prints the traceback of
 def cli(ctx: click.Context, home: str | None, database_url: str | None, debug: bool) -> None:
     """A registry for LLM weights: SHA-256 manifests, lineage, verification and jobs.
 
-    Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found.
+    Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found, 130 interrupted (Ctrl-C).
     """
     global _debug
     _debug = debug
@@ -69,15 +70,19 @@ def main() -> None:
     except RegistryError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            _interrupted()
+        click.echo("error: aborted", err=True)
         sys.exit(1)
     except click.exceptions.NoArgsIsHelpError as exc:  # plain `registry`: the help is the answer, not an error
         click.echo(exc.ctx.get_help())
         sys.exit(0)
     except click.UsageError as exc:
         where = f"; see {exc.ctx.command_path if exc.ctx else _command_path(sys.argv[1:])} --help"
-        click.echo(f"error: {_one_line(_lower_first(exc.format_message())).rstrip('.')}{where}", err=True)
+        message = _one_line(_lower_first(exc.format_message())).rstrip(".")
+        message = message.replace(". Did you mean ", " (did you mean ") + (")" if ". Did you mean " in message else "")
+        click.echo(f"error: {message}{where}", err=True)
         sys.exit(EXIT_USAGE)
     except click.ClickException as exc:
         click.echo(f"error: {_one_line(_lower_first(exc.format_message()))}", err=True)
@@ -86,9 +91,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         os._exit(0)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt:  # outside click's own handling (while it parses, or as it reports)
+        _interrupted()
     except Exception as exc:  # a bug or an unforeseen condition: one line, the traceback only on request
         message = _one_line(str(exc))
         line = f"error: {type(exc).__name__}{': ' + message if message else ''}"
@@ -98,6 +102,13 @@ def main() -> None:
         else:
             click.echo(f"{line} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C: the job (if any) was already cancelled or given back; 130 = 128 + SIGINT, the shell's convention
+    (and `registry worker`'s code when its second signal re-queues its job)."""
+    click.echo("error: interrupted", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _command_path(args: list[str]) -> str:

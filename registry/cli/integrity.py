@@ -22,8 +22,8 @@ from .common import _fast_read, catalog  # catalog: imported on first use (commo
 @click.option("--endpoint", help="Hub or mirror to ask with --upstream, trusted for this command (default: the "
                                  "one each artifact was pulled from, or HF_ENDPOINT at its --hf-cache import; "
                                  "none recorded: HF_ENDPOINT, else the public hub).")
-@click.option("--token-file", type=click.Path(dir_okay=False), help="Token for --upstream, sent to --endpoint "
-              "(default: HF_ENDPOINT, else the public hub) only (default token: HF_TOKEN).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Token for --upstream, sent only to --endpoint "
+              "(without it: only to HF_ENDPOINT, else the public hub; default token: HF_TOKEN or the login store).")
 @detach_option
 @json_option
 def verify(refs: tuple[str, ...], all_: bool, quick: bool, upstream: bool, endpoint: str | None,

@@ -96,7 +96,7 @@ def worker(once: bool, lease: float, poll: float, grace: float) -> None:
       registry worker --once
       registry worker --lease 120 --grace 300
     """
-    from ..errors import WorkerStopped
+    from ..errors import EXIT_INTERRUPTED, WorkerStopped
     from ..workers import worker_loop
     from ..workers.runner import configure_logging
 
@@ -107,5 +107,5 @@ def worker(once: bool, lease: float, poll: float, grace: float) -> None:
         ran = worker_loop(reg, lease_seconds=lease, poll_seconds=poll, once=once, grace_seconds=grace)
     except WorkerStopped as exc:
         click.echo(f"{exc}; it is queued again for another worker", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(f"worker ran {ran} job(s)", err=True)
