@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .calibration import Calibration, load_calibration
-from .catalog import Registered, load, register_artifact, require_usable
+from .catalog import Registered, check_new_name, load, quantized_name, register_artifact, require_usable
 from .core import Registry
 from .errors import BadInput, OperationFailed
 from .export import snapshot_path
@@ -73,8 +73,17 @@ def resolve_device(device: str) -> str:
     return "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
 
 
+def check_architecture(model_type: str | None) -> None:
+    """Refuse an architecture GPTQModel has no definition for (needs GPTQModel imported: seconds)."""
+    from gptqmodel.models.auto import MODEL_MAP
+
+    if model_type not in MODEL_MAP:
+        raise BadInput(f"architecture {model_type!r} is not supported by GPTQModel {package_version('gptqmodel')}")
+
+
 def check_source(artifact: Artifact, files: dict[str, Path], opts: QuantizeOptions) -> None:
-    """Refuse what GPTQ cannot or should not quantize, before any heavy work."""
+    """Refuse what GPTQ cannot or should not quantize, before any heavy work (the architecture: see
+    check_architecture, which needs GPTQModel)."""
     if artifact.kind == "adapter":
         raise BadInput(f"{artifact.name} is an adapter; merge it into its base first (registry merge), "
                        "then quantize the merged model")
@@ -85,11 +94,6 @@ def check_source(artifact: Artifact, files: dict[str, Path], opts: QuantizeOptio
     if opts.group_size < 1 and opts.group_size != -1:
         raise BadInput(f"--group-size {opts.group_size} is not valid; use a positive divisor of the layers' input "
                        "features (e.g. 32, 64, 128) or -1 for none")
-    from gptqmodel.models.auto import MODEL_MAP
-
-    model_type = artifact.meta.get("model_type")
-    if model_type not in MODEL_MAP:
-        raise BadInput(f"architecture {model_type!r} is not supported by GPTQModel {package_version('gptqmodel')}")
     if opts.group_size != -1:
         for rel, path in files.items():
             if rel.endswith(".safetensors"):
@@ -183,15 +187,21 @@ def quantize(reg: Registry, ref: str | int, opts: QuantizeOptions, name: str | N
     """Quantize REF (a ref, or an artifact id as jobs carry it) with GPTQ and register a `quantized` artifact
     with lineage to exactly that artifact, and its evaluation as provenance."""
     reporter = reporter or NullReporter()
-    require_gptqmodel()
-    with reg.session() as s:
+    # Bad input is refused before torch and GPTQModel are imported (seconds each): a name that is a tag, an
+    # adapter, bad options, an unreadable calibration file; then the device and the architecture.
+    with reg.read_session() as s:
         source = require_usable(load(s, ref))
+        name = name or quantized_name(source.name, opts.bits)
+        check_new_name(s, name)  # registration checks again, and refuses a name other content holds
         files = {f.path: reg.store.path(f.sha256) for f in source.files}
         check_source(source, files, opts)
         source_id, source_name, source_digest = source.id, source.name, source.digest
         source_size = sum(f.size for f in source.files if f.path.endswith(".safetensors"))
-    device = resolve_device(opts.device)
+        model_type = source.meta.get("model_type")
     calib = load_calibration(opts.calibration, opts.samples, opts.seed)
+    device = resolve_device(opts.device)
+    require_gptqmodel()
+    check_architecture(model_type)
     source_dir = snapshot_path(reg, source_id)
     # A scratch folder in the store's temp area, locked while we run: gc leaves it alone until we exit,
     # and removes what a killed run left behind.
@@ -215,7 +225,7 @@ def quantize(reg: Registry, ref: str | int, opts: QuantizeOptions, name: str | N
         reporter.finish()
     with reg.session() as s:
         a, created = register_artifact(
-            s, reg.store, name=name or f"{source_name}-gptq-int{opts.bits}", kind="quantized", files=ingested,
+            s, reg.store, name=name, kind="quantized", files=ingested,
             meta=meta, parents=[(load(s, source_id), "base")], provenance=provenance,
             source={"path": f"GPTQ int{opts.bits} of {source_name}"}, job_id=job_id)
         return QuantizeResult(a.id, a.name, a.digest, len(a.files), a.total_size, created, evaluation, provenance,
