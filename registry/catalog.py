@@ -40,7 +40,8 @@ class Registered:
 
 def check_name(name: str, what: str = "name") -> str:
     """Refuse names with `..`, spaces, leading symbols, or that look like a digest."""
-    if not name or len(name) > 255 or not NAME_RE.match(name) or ".." in name or name.startswith("sha256:"):
+    # Any case: refs match a digest prefix case-insensitively, so `SHA256:1A2B...` would shadow a digest ref.
+    if not name or len(name) > 255 or not NAME_RE.match(name) or ".." in name or name.lower().startswith("sha256:"):
         raise BadInput(f"invalid {what} {name!r}: use letters, digits and . _ - / : @ + without '..' "
                        "(e.g. llama-7b or org/model:v1)")
     return name
@@ -54,6 +55,39 @@ def check_not_a_tag(session: Session, name: str) -> None:
         target = session.get(Artifact, tag.artifact_id)
         raise Conflict(f"{name!r} is already a tag (pointing at {target.name}); names and tags share one "
                        "namespace: choose another --name, or move the tag away first")
+
+
+def check_tag(session: Session, tag_name: str, own_name: str | None = None) -> None:
+    """Refuse a tag that is not a valid name, or is a live artifact's name: the name of the artifact it will
+    point at (`own_name`) or of another one. Commands that make an artifact call it before any work too."""
+    check_name(tag_name, "tag")
+    # One namespace: a tag equal to a live artifact's name would hide it (refs look up tags first), and one
+    # equal to this artifact's own name could never move to another artifact later.
+    if tag_name == own_name:
+        raise Conflict(f"tag {tag_name!r} is the artifact's own name; names and tags share one namespace: "
+                       f"choose another tag, e.g. {tag_name}:prod")
+    clash = session.scalars(select(Artifact).where(Artifact.name == tag_name, Artifact.status != "deleted")).first()
+    if clash is not None:
+        raise Conflict(f"tag {tag_name!r} is the name of another artifact ({clash.digest[:19]}); names and tags "
+                       f"share one namespace: choose another tag, or remove that artifact (registry rm {tag_name})")
+
+
+def check_new_name(session: Session, name: str) -> None:
+    """What a command that makes an artifact checks before any work (download, merge, GPTQ): the name is valid
+    and not a tag. register_artifact checks again (another process may tag it meanwhile), and also refuses a
+    name that other content holds, which only the digest of the finished work can tell."""
+    check_name(name)
+    check_not_a_tag(session, name)
+
+
+def merged_name(adapter_name: str) -> str:
+    """merge's default name for its result (here, so the CLI can check it without importing torch)."""
+    return f"{adapter_name}-merged"
+
+
+def quantized_name(source_name: str, bits: int) -> str:
+    """quantize's default name for its result."""
+    return f"{source_name}-gptq-int{bits}"
 
 
 def name_available(session: Session, name: str, digest: str) -> bool:
@@ -291,16 +325,7 @@ def set_tag(session: Session, ref: str, tag_name: str) -> tuple[Artifact, str | 
 
 def tag_artifact(session: Session, artifact: Artifact, tag_name: str) -> str | None:
     """Point a tag at this artifact; returns the digest it pointed at before, if any."""
-    check_name(tag_name, "tag")
-    # One namespace: a tag equal to a live artifact's name would hide it (refs look up tags first), and one
-    # equal to this artifact's own name could never move to another artifact later.
-    clash = session.scalars(select(Artifact).where(Artifact.name == tag_name, Artifact.status != "deleted")).first()
-    if clash is not None:
-        if clash.id == artifact.id:
-            raise Conflict(f"tag {tag_name!r} is the artifact's own name; names and tags share one namespace: "
-                           f"choose another tag, e.g. {tag_name}:prod")
-        raise Conflict(f"tag {tag_name!r} is the name of another artifact ({clash.digest[:19]}); names and tags "
-                       f"share one namespace: choose another tag, or remove that artifact (registry rm {tag_name})")
+    check_tag(session, tag_name, artifact.name)
     tag = session.get(Tag, tag_name)
     previous = None
     if tag is None:
@@ -351,15 +376,15 @@ LINK_ROLES = ("base", "adapter")  # the roles lineage uses: a model's base, a me
 
 @dataclass
 class Linked:
-    """What `link` did: `changed` is False when the link already existed; `replaced` names removed (or, with
-    --force, live) parents whose link in this role was dropped."""
+    """What `link` did: `changed` is False when the link already existed; `replaced` holds the removed (or, with
+    --force, live) parents whose link in this role was dropped, as {name, digest, removed}."""
 
     child: str
     parent: str
     parent_digest: str
     role: str
     changed: bool
-    replaced: list[str]
+    replaced: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -451,7 +476,7 @@ def link(session: Session, child: Artifact, parent: Artifact, role: str = "base"
     if live and not force:
         raise Conflict(f"{child.name} is already linked to {role} {live[0].name} ({live[0].digest[:19]}); to "
                        f"replace it: registry link {child.name} {parent.name} --role {role} --force")
-    replaced = [f"{a.name} {a.digest[:19]}{' (removed)' if a.status == 'deleted' else ''}" for _, a in current]
+    replaced = [{"name": a.name, "digest": a.digest, "removed": a.status == "deleted"} for _, a in current]
     for edge, _ in current:
         session.delete(edge)
     session.add(Edge(child_id=child.id, parent_id=parent.id, role=role))

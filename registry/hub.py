@@ -238,15 +238,26 @@ def list_files(endpoint: str, repo_id: str, commit: str, token: str | None,
         except BadInput:
             raise BadInput(f"{repo_id}@{commit[:12]} lists an unsafe file name {entry.path!r}; "
                            "refusing the whole pull") from None
-        if include and not any(fnmatch.fnmatch(entry.path, g) for g in include):
-            continue
-        if exclude and any(fnmatch.fnmatch(entry.path, g) for g in exclude):
-            continue
         sha256 = entry.lfs.sha256 if entry.lfs else None
         files.append(RemoteFile(entry.path, entry.lfs.size if entry.lfs else entry.size, entry.blob_id, sha256))
-    if not files:
-        raise BadInput(f"{repo_id}@{commit[:12]} has no files matching --include/--exclude")
+    if include or exclude:
+        files = select_files(files, include, exclude, f"{repo_id}@{commit[:12]}")
     return sorted(files, key=lambda f: f.path)
+
+
+def selects(path: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether the --include/--exclude globs keep this file."""
+    return (not include or any(fnmatch.fnmatch(path, g) for g in include)) and not (
+        exclude and any(fnmatch.fnmatch(path, g) for g in exclude))
+
+
+def select_files(files: list[RemoteFile], include: list[str] | None, exclude: list[str] | None,
+                 where: str) -> list[RemoteFile]:
+    """The files the globs keep; none is bad input."""
+    kept = [f for f in files if selects(f.path, include, exclude)]
+    if not kept:
+        raise BadInput(f"{where} has no files matching --include/--exclude")
+    return kept
 
 
 def file_url(endpoint: str, repo_id: str, commit: str, path: str) -> str:

@@ -14,7 +14,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .catalog import Registered, load, register_artifact, require_usable, trained_on, wanted_base
+from .catalog import (Registered, check_new_name, load, merged_name, register_artifact, require_usable, trained_on,
+                      wanted_base)
 from .core import Registry
 from .errors import BadInput, Conflict, OperationFailed
 from .lora import AdapterPlan, load_adapter_tensors, merge_weight, merged_shape, plan_adapter
@@ -163,6 +164,8 @@ def merge(reg: Registry, base_ref: str | int, adapter_ref: str | int, name: str 
     with reg.session() as s:
         base, adapter = require_usable(load(s, base_ref)), require_usable(load(s, adapter_ref))
         _check_pair(base, adapter, trained_on(s, base, adapter), force)  # the base lookup generate uses
+        name = name or merged_name(adapter.name)
+        check_new_name(s, name)  # a tag: refused now, not after the merge (registration checks again)
         base_files = {f.path: (f.sha256, f.size) for f in base.files}
         adapter_files = {f.path: reg.store.path(f.sha256) for f in adapter.files}
         base_id, adapter_id, base_meta = base.id, adapter.id, dict(base.meta)
@@ -186,7 +189,7 @@ def merge(reg: Registry, base_ref: str | int, adapter_ref: str | int, name: str 
         provenance["merge"]["check"] = check_result
     with reg.session() as s:
         parents = [(load(s, base_id), "base"), (load(s, adapter_id), "adapter")]
-        a, created = register_artifact(s, reg.store, name=name or f"{adapter_name}-merged", kind="merged",
+        a, created = register_artifact(s, reg.store, name=name, kind="merged",
                                        files=out, meta=meta, parents=parents, provenance=provenance,
                                        source={"path": f"merge of {adapter_name} into {base_name}"}, job_id=job_id)
         return MergeResult(a.id, a.name, a.digest, len(a.files), a.total_size, created, stats["merged"],

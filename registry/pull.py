@@ -16,7 +16,7 @@ import httpx
 from sqlalchemy import or_, select
 
 from . import hub
-from .catalog import name_available, register_with_base, tag_artifact
+from .catalog import check_new_name, check_tag, name_available, register_with_base, tag_artifact
 from .core import Registry
 from .errors import DiskFull, NotFound, OperationFailed
 from .folder import detect_kind, read_metadata
@@ -50,6 +50,7 @@ class PullResult:
     warnings: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)  # every tag this pull pointed at the artifact
     pull_filter: dict[str, list[str]] | None = None  # {include, exclude} of a filtered pull
+    linked: dict[str, Any] | None = None  # a base link this pull added to an adapter registered before
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,10 +252,21 @@ def pull(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str,
 
     A filtered pull (include/exclude) is a subset of the commit: it is named REPO_ID@<commit>-filtered-<digest>
     (see filtered_name), records its filter in the provenance, and gets only the tags in `tags`, so the repo's
-    name, its REPO_ID:REVISION tag and an offline pull keep answering with the whole commit.
+    name, its REPO_ID:REVISION tag and an offline pull keep answering with the whole commit. A filter that
+    keeps every file is the whole commit, pulled as without it (else one content would get two names).
+    Names and tags the registration would refuse are refused after listing the files, before any download.
     """
     reporter = reporter or NullReporter()
-    files = hub.list_files(endpoint, repo_id, commit, token, include, exclude)
+    every = hub.list_files(endpoint, repo_id, commit, token)
+    files = hub.select_files(every, include, exclude, f"{repo_id}@{commit[:12]}") if include or exclude else every
+    notes = []
+    if (include or exclude) and len(files) == len(every):
+        notes.append(f"--include/--exclude left out no file of {repo_id}@{commit[:12]}: pulled as the whole "
+                     "commit, named and tagged as without them")
+        include = exclude = None
+    request = _Request(repo_id, revision, commit, endpoint, name, kind, pull_filter(include, exclude), tags or [])
+    with reg.read_session() as s:
+        check_names(s, request)
     downloader = Downloader(reg, endpoint, repo_id, commit, token, reporter)
     ingested: dict[str, Ingested] = {}
     try:
@@ -270,8 +282,10 @@ def pull(reg: Registry, repo_id: str, revision: str, commit: str, endpoint: str,
                 if ingested[f.path].sha256 in vanished:
                     ingested[f.path] = downloader.fetch(f)
 
-        request = _Request(repo_id, revision, commit, endpoint, name, kind, pull_filter(include, exclude), tags or [])
-        return register_retrying(lambda: _register(reg, request, ingested, job_id, len(needed), downloader), refetch)
+        result = register_retrying(lambda: _register(reg, request, ingested, job_id, len(needed), downloader),
+                                   refetch)
+        result.warnings[:0] = notes
+        return result
     finally:
         downloader.close()
         release_pins(reg.store, (i.sha256 for i in ingested.values()))
@@ -332,22 +346,59 @@ def _register(reg: Registry, r: _Request, ingested: dict[str, Ingested], job_id:
     meta = read_metadata({rel: reg.store.path(i.sha256) for rel, i in ingested.items()})
     kind = r.kind or detect_kind(dict.fromkeys(ingested), meta)
     digest = manifest_digest(build_manifest(kind, ((p, i.size, i.sha256) for p, i in ingested.items())))
-    repo_tag = None if r.pull_filter else f"{r.repo_id}:{r.revision}"
-    tags = list(dict.fromkeys([t for t in [repo_tag, *r.tags] if t]))
+    repo_tag, tags = _tags(r)
     with reg.session() as s:
         chosen = r.name or (filtered_name(r.repo_id, r.commit, digest) if r.pull_filter
                             else _default_name(s, r.repo_id, r.commit, digest))
-        a, created, _ = register_with_base(s, reg.store, name=chosen, kind=kind, files=ingested, meta=meta,
-                                           source={"repo": r.repo_id, "revision": r.commit, "endpoint": r.endpoint,
-                                                   "ref": r.revision}, job_id=job_id,
-                                           provenance={"pull_filter": r.pull_filter} if r.pull_filter else None)
+        a, created, linked = register_with_base(
+            s, reg.store, name=chosen, kind=kind, files=ingested, meta=meta,
+            source={"repo": r.repo_id, "revision": r.commit, "endpoint": r.endpoint, "ref": r.revision},
+            job_id=job_id, provenance={"pull_filter": r.pull_filter} if r.pull_filter else None)
         for tag in tags:
             tag_artifact(s, a, tag)
         warnings = [f"{rel} is a pickle file: loading it can run arbitrary code; prefer safetensors"
                     for rel in meta.get("unsafe_files", [])]
         return PullResult(a.id, a.name, a.digest, a.kind, r.repo_id, r.commit, repo_tag, len(a.files), a.total_size,
                           created, downloaded, downloader.bytes_downloaded, downloader.bytes_reread, warnings,
-                          tags, r.pull_filter)
+                          tags, r.pull_filter, linked.to_dict() if linked is not None else None)
+
+
+def _tags(r: _Request) -> tuple[str | None, list[str]]:
+    """(REPO_ID:REVISION, or None for a filtered pull; every tag the pull points at its artifact)."""
+    repo_tag = None if r.pull_filter else f"{r.repo_id}:{r.revision}"
+    return repo_tag, list(dict.fromkeys([t for t in [repo_tag, *r.tags] if t]))
+
+
+def check_names(session, r: _Request) -> None:
+    """Refuse, before any download, the names and tags registration would refuse (with the same messages): a
+    --name that is a tag, a tag that is an artifact's name (or the name this pull takes), and a default name
+    that has to step aside (a tag holds the repo id) onto REPO_ID@<commit> when that is a tag too.
+
+    What needs the digest stays at registration: a --name other content holds, and a filtered pull's name."""
+    if r.name is not None:
+        check_new_name(session, r.name)
+        own = r.name
+    elif r.pull_filter:
+        own = None
+    elif session.get(Tag, r.repo_id) is not None:
+        own = f"{r.repo_id}@{r.commit[:12]}"
+        check_new_name(session, own)
+    else:  # the repo id, unless an artifact with other content holds it (only the digest tells)
+        holder = session.scalars(select(Artifact).where(Artifact.name == r.repo_id,
+                                                        Artifact.status != "deleted")).first()
+        own = r.repo_id if holder is None else None
+    for tag in _tags(r)[1]:
+        check_tag(session, tag, own)
+
+
+def check_pull(reg: Registry, repo_id: str, revision: str, commit: str, name: str | None = None,
+               include: list[str] | None = None, exclude: list[str] | None = None,
+               tags: list[str] | None = None) -> None:
+    """check_names for a pull as asked, before it is queued (so --detach refuses at once, leaving no job).
+    pull() checks again after listing the files: a filter may turn out to keep them all."""
+    with reg.read_session() as s:
+        check_names(s, _Request(repo_id, revision, commit, "", name, None, pull_filter(include, exclude),
+                                tags or []))
 
 
 def _default_name(session, repo_id: str, commit: str, digest: str) -> str:
@@ -360,7 +411,8 @@ def find_pulled(reg: Registry, repo_id: str, revision: str, include: list[str] |
     """An artifact already pulled for repo@revision with this filter, for offline use.
 
     The whole commit: the REPO_ID:REVISION tag, else an unfiltered pull of a commit id prefix. A filtered
-    request: a pull with the same filter of the tag's commit, of that branch or tag, or of a commit id prefix.
+    request: a pull with the same filter of the tag's commit, of that branch or tag, or of a commit id prefix;
+    else such a pull of the whole commit when the filter keeps all its files (pull() registers it so).
     """
     wanted = pull_filter(include, exclude)
     with reg.session() as s:
@@ -377,9 +429,13 @@ def find_pulled(reg: Registry, repo_id: str, revision: str, include: list[str] |
                 at.append(Artifact.source_revision == commit)
             if len(revision) >= 7:
                 at.append(Artifact.source_revision.startswith(revision))
-            candidates = s.scalars(select(Artifact).where(Artifact.source_repo == repo_id, or_(*at),
-                                                          Artifact.status != "deleted").order_by(Artifact.id.desc()))
+            candidates = list(s.scalars(select(Artifact).where(Artifact.source_repo == repo_id, or_(*at),
+                                                               Artifact.status != "deleted")
+                                        .order_by(Artifact.id.desc())))
             artifact = next((a for a in candidates if (a.provenance or {}).get("pull_filter") == wanted), None)
+            if artifact is None and wanted is not None:
+                artifact = next((a for a in candidates if not (a.provenance or {}).get("pull_filter") and all(
+                    hub.selects(f.path, include, exclude) for f in a.files)), None)
         if artifact is None:
             return None
         return {"name": artifact.name, "digest": artifact.digest, "commit": artifact.source_revision,

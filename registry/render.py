@@ -32,6 +32,20 @@ def table(rows: list[list[str]], headers: list[str]) -> None:
         click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
+def replacing(replaced: list[dict[str, Any]]) -> str:
+    """', replacing tiny sha256:1505495d1851 (removed)': the parent links a link, import or pull dropped."""
+    if not replaced:
+        return ""
+    return ", replacing " + ", ".join(f"{p['name']} {p['digest'][:19]}{' (removed)' if p['removed'] else ''}"
+                                      for p in replaced)
+
+
+def linked_base(name: str, linked: dict[str, Any] | None) -> None:
+    """The line import and pull print when registering again repaired an artifact's base link."""
+    if linked:
+        click.echo(f"linked {name} -> {linked['parent']} (base){replacing(linked['replaced'])}")
+
+
 def artifact_list(items: list[dict[str, Any]]) -> None:
     """The `registry list` table."""
     if not items:

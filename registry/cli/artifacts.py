@@ -53,9 +53,7 @@ def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detac
         verb = "registered" if r["created"] else "already registered"
         click.echo(f"{verb} {r['name']} ({r['kind']}) {r['digest']}: {r['files']} files, "
                    f"{render.human_size(r['size'])}, {render.human_size(r['bytes_added'])} added to the store")
-        if r.get("linked"):  # the import repaired the lineage of an artifact registered before
-            replaced = f", replacing {', '.join(r['linked']['replaced'])}" if r["linked"]["replaced"] else ""
-            click.echo(f"linked {r['name']} -> {r['linked']['parent']} (base){replaced}")
+        render.linked_base(r["name"], r.get("linked"))  # the import repaired the lineage of an earlier artifact
 
 
 @cli.command()
@@ -86,10 +84,10 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, tags
       HF_ENDPOINT=https://mirror.example registry pull org/model
     """
     from .. import hub
-    from ..pull import pull_offline
+    from ..pull import check_pull, pull_offline
 
     repo_id, revision = hub.parse_repo_ref(repo)
-    for t in tags:  # before anything is downloaded
+    for t in tags:  # syntax only, before any request; clashes with names are checked once the commit is known
         catalog.check_name(t, "tag")
     if hub.offline():
         found = pull_offline(_reg(), repo_id, revision, list(include), list(exclude))
@@ -101,6 +99,7 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, tags
         click.echo("warning: --token-file is used by this command only; the worker that runs the job uses the "
                    "token its own config.toml gives this endpoint", err=True)
     commit = hub.resolve_commit(endpoint, repo_id, revision, hub.token_for(_worker_config(), endpoint))
+    check_pull(_reg(), repo_id, revision, commit, name, list(include), list(exclude), list(tags))  # queue no doomed job
     # No token and no token file in params: anyone who can queue a job can read (and write) them.
     params = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": endpoint,
               "include": sorted(include), "exclude": sorted(exclude), "name": name, "kind": kind,
@@ -111,6 +110,7 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, tags
     r = _result(_run("pull", params, key, detach, as_json), as_json)
     if r is not None:
         click.echo(_pull_summary(r))
+        render.linked_base(r["name"], r.get("linked"))  # pulled again: the adapter's base link was repaired
 
 
 def _files(n: int) -> str:
@@ -312,5 +312,5 @@ def link_(child: str, parent: str, role: str, force: bool, as_json: bool) -> Non
     elif not result.changed:
         click.echo(f"{result.child} -> {result.parent} ({role}) was already linked; nothing changed")
     else:
-        replaced = f", replacing {', '.join(result.replaced)}" if result.replaced else ""
-        click.echo(f"linked {result.child} -> {result.parent} ({role}, {result.parent_digest[:19]}){replaced}")
+        click.echo(f"linked {result.child} -> {result.parent} ({role}, {result.parent_digest[:19]})"
+                   f"{render.replacing(result.replaced)}")

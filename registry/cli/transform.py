@@ -34,7 +34,9 @@ def merge(base, adapter, name, dtype, check, force, allow_pickle, detach, as_jso
       registry merge llama-7b my-lora --dtype bf16 --check
     """
     with _reg().session() as s:  # resolve once: the job names these artifacts by id, not a movable tag or digest
-        base_id, adapter_id = (catalog.require_usable(catalog.resolve(s, ref)).id for ref in (base, adapter))
+        base_a, adapter_a = (catalog.require_usable(catalog.resolve(s, ref)) for ref in (base, adapter))
+        base_id, adapter_id = base_a.id, adapter_a.id
+        catalog.check_new_name(s, name or catalog.merged_name(adapter_a.name))  # queue no doomed job (merge checks too)
     params = {"base_id": base_id, "adapter_id": adapter_id, "name": name, "dtype": dtype, "check": check,
               "force": force, "allow_pickle": allow_pickle}
     key = "merge:" + "|".join(str(params[k]) for k in sorted(params))
@@ -76,7 +78,9 @@ def quantize(ref, bits, group_size, desc_act, sym, calibration, samples, seq_len
       registry quantize llama-7b-chat --calibration chats.jsonl --samples 256 --device cuda
     """
     with _reg().session() as s:  # resolve once: the job names this artifact by id, not a movable tag or digest
-        source_id = catalog.require_usable(catalog.resolve(s, ref)).id
+        source = catalog.require_usable(catalog.resolve(s, ref))
+        source_id = source.id
+        catalog.check_new_name(s, name or catalog.quantized_name(source.name, bits))  # queue no doomed job
     options = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "samples": samples,
                "calibration": calibration and str(Path(calibration).absolute()), "seq_len": seq_len,
                "device": device, "seed": seed, "evaluate": not no_eval, "max_ppl_ratio": max_ppl_ratio}
