@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -40,7 +39,7 @@ from sqlalchemy.orm import Session
 from .config import Settings
 from .db import db_now, get_engine, session_scope, translate_db_errors
 from .errors import OperationFailed, RegistryError
-from .jobs import owner_is_dead
+from .jobs import owner_is_dead, this_host
 from .models import Blob, BlobPin
 
 GC_LOCK_KEY = 7412894  # PostgreSQL advisory lock id (migrations use 7412893)
@@ -157,7 +156,7 @@ class BlobPins:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.owner = f"{socket.gethostname()[:200]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.owner = f"{this_host()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"  # jobs.owner_is_dead reads it
 
     def pin(self, shas: Iterable[str]) -> None:
         """Pin blobs for PIN_TTL from now (by the database's clock); renews pins we already hold."""

@@ -240,6 +240,8 @@ def list_files(endpoint: str, repo_id: str, commit: str, token: str | None,
                            "refusing the whole pull") from None
         sha256 = entry.lfs.sha256 if entry.lfs else None
         files.append(RemoteFile(entry.path, entry.lfs.size if entry.lfs else entry.size, entry.blob_id, sha256))
+    if not files:  # nothing to pull or compare: never register an empty artifact
+        raise BadInput(f"{repo_id}@{commit[:12]} has no files")
     if include or exclude:
         files = select_files(files, include, exclude, f"{repo_id}@{commit[:12]}")
     return sorted(files, key=lambda f: f.path)

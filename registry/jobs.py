@@ -6,6 +6,7 @@ import os
 import socket
 import uuid
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select
@@ -24,9 +25,24 @@ MAX_BACKOFF_SECONDS = 300
 current_lease: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar("current_lease", default=None)
 
 
+def this_host() -> str:
+    """The hostname, plus (on Linux) the boot id and the PID namespace: a pid means this process table only.
+
+    Owners found dead on this host lose their leases and blob pins at once (owner_is_dead), so two machines
+    that share a hostname, or containers that share the host's hostname but not its pids (host networking),
+    must not pass for one host."""
+    host = socket.gethostname()[:160]
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return host  # no /proc: the hostname alone
+    return f"{host}~{boot}.{pid_ns}"
+
+
 def worker_id() -> str:
     """A name for this process that is unique across hosts: host:pid:random."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return f"{this_host()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def enqueue(session: Session, type: str, params: dict[str, Any], dedup_key: str | None = None,
@@ -97,7 +113,7 @@ def owner_is_dead(owner: str | None) -> bool:
     if not owner or owner.count(":") < 2:
         return False
     host, pid, _ = owner.rsplit(":", 2)
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != this_host() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

@@ -113,3 +113,20 @@ def test_unexpected_error_in_a_foreground_job_says_how_to_see_the_traceback(db_u
     assert (job["state"], job["attempts"]) == ("failed", 3)  # unexpected: retried, as the README says
     deliberate = run_cli("verify", "no-such-artifact", check=3)  # a deliberate error stays one plain line
     assert "rerun with --debug" not in deliberate.stderr
+
+
+def test_a_pid_is_judged_dead_only_in_this_hosts_process_table():
+    """A container with host networking shares the hostname but not the pids, and two machines may share a
+    hostname: a pid absent here says nothing about their processes, whose leases and pins must stand."""
+    import socket
+    import subprocess
+    import sys
+
+    from registry.jobs import owner_is_dead, this_host
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert owner_is_dead(f"{this_host()}:{gone.pid}:abc123")
+    assert not owner_is_dead(f"{this_host()}:{os.getpid()}:abc123")
+    assert not owner_is_dead(f"{socket.gethostname()}:{gone.pid}:abc123")  # same name, another process table
+    assert not owner_is_dead(f"{socket.gethostname()}~00000000.1:{gone.pid}:abc123")

@@ -196,3 +196,13 @@ def test_pulling_an_adapter_again_reports_the_link_it_repaired(db_url, hubp, tmp
     linked = _jobs("pull")[0]["result"]["linked"]  # what `pull --json` prints
     assert linked["parent"] == "acme/tiny" and linked["replaced"] == [
         {"name": "acme/tiny", "digest": old, "removed": True}]
+
+
+def test_import_detach_refuses_a_tag_name_before_queueing(db_url, tiny_model):
+    run_cli("import", str(tiny_model), "--name", "tiny")
+    run_cli("tag", "tiny", "prod")
+    proc = run_cli("import", str(tiny_model), "--name", "prod", "--detach", check=2)
+    assert proc.stderr.startswith("error: ") and "namespace" in proc.stderr and proc.stdout == ""
+    assert cli_json("jobs", "--state", "queued") == []  # no doomed job left for a worker
+    proc = run_cli("import", str(tiny_model), "--name", "SHA256:abc", "--detach", check=2)
+    assert cli_json("jobs", "--state", "queued") == []

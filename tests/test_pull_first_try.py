@@ -141,3 +141,16 @@ def test_worker_does_not_log_every_http_request(hubp):
     log = run_cli("worker", "--once").stderr
     assert "registry.worker job 1 succeeded" in log
     assert "HTTP Request" not in log and "httpx" not in log
+
+
+def test_a_commit_with_no_files_is_refused(hubp):
+    from hubproxy import git
+
+    repo = hubp.mirrors / "models" / "acme" / "empty"
+    if not repo.exists():
+        repo.mkdir(parents=True)
+        git(repo, "init", "-q", "-b", "main")
+        git(repo, "commit", "-q", "--allow-empty", "-m", "nothing yet")
+    proc = run_cli("pull", "acme/empty", check=2)
+    assert proc.stderr.startswith("error: acme/empty@") and proc.stderr.strip().endswith("has no files")
+    assert cli_json("list") == []  # no empty artifact, no tag

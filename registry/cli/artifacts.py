@@ -46,6 +46,8 @@ def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detac
         if folder is None or not name:
             raise BadInput("usage: registry import FOLDER --name NAME (or --hf-cache REPO_ID)")
         params = {"folder": str(folder.absolute()), "name": name}
+        with _reg().read_session() as s:
+            catalog.check_new_name(s, name)  # queue no doomed job (the import checks again)
     params.update(kind=kind, base=base, link=link)
     key = "import:" + "|".join(f"{k}={params[k]}" for k in sorted(params))
     r = _result(_run("import", params, key, detach, as_json), as_json)
