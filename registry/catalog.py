@@ -12,7 +12,8 @@ from sqlalchemy import event, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from .errors import AmbiguousRef, BadInput, Conflict, NotFound, OperationFailed
+from .errors import BadInput, Conflict, NotFound, OperationFailed
+from .schema import check_one_match, digest_prefix
 from .gclock import check_blobs_for_registration
 from .jobs import check_fence
 from .manifest import build_manifest, manifest_digest
@@ -20,7 +21,6 @@ from .models import KINDS, Artifact, Blob, Edge, Event, File, Job, Tag, utcnow
 from .store import BlobStore, Ingested
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@+]*$")
-DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{8,64})$")
 
 
 @dataclass
@@ -122,19 +122,9 @@ def resolve(session: Session, ref: str) -> Artifact:
     by_name = session.scalars(select(Artifact).where(Artifact.name == ref, Artifact.status != "deleted")).first()
     if by_name is not None:
         return by_name
-    match = DIGEST_RE.match(ref.lower())
-    if match is None:
-        if ref.lower().startswith("sha256:"):
-            raise BadInput(f"digest ref {ref!r} needs 'sha256:' and at least 8 hex digits")
-        raise NotFound(f"no artifact, tag or digest named {ref!r}; see registry list")
-    found = session.scalars(select(Artifact).where(Artifact.digest.startswith(ref.lower()),
+    found = session.scalars(select(Artifact).where(Artifact.digest.startswith(digest_prefix(ref)),
                                                    Artifact.status != "deleted").order_by(Artifact.name)).all()
-    if not found:
-        raise NotFound(f"no artifact with digest {ref}; see registry list")
-    if len(found) > 1:
-        names = ", ".join(a.name for a in found)
-        hint = "name one of them" if len({a.digest for a in found}) == 1 else "give more hex digits or a name"
-        raise AmbiguousRef(f"digest prefix {ref} matches {len(found)} artifacts ({names}); {hint}")
+    check_one_match(ref, [(a.name, a.digest) for a in found])
     return found[0]
 
 

@@ -17,19 +17,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
 from .config import Settings
-from .errors import AmbiguousRef, BadInput, NotFound
-from .schema import SCHEMA_HEAD, UNFINISHED_STATES, stored_dedup_key
+from .schema import SCHEMA_HEAD, UNFINISHED_STATES, check_one_match, digest_prefix, stored_dedup_key
 from .store import LocalStore, StatStamp
 
 log = logging.getLogger("registry.fastread")
-DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{8,64})$")  # catalog.DIGEST_RE
 T = TypeVar("T")
 
 
@@ -176,19 +173,9 @@ class FastCatalog:
         by_name = self._one("SELECT * FROM artifacts WHERE name = ? AND status != 'deleted'", ref)
         if by_name is not None:
             return by_name
-        match = DIGEST_RE.match(ref.lower())
-        if match is None:
-            if ref.lower().startswith("sha256:"):
-                raise BadInput(f"digest ref {ref!r} needs 'sha256:' and at least 8 hex digits")
-            raise NotFound(f"no artifact, tag or digest named {ref!r}; see registry list")
         found = self._all("SELECT * FROM artifacts WHERE digest LIKE ? || '%' AND status != 'deleted' ORDER BY name",
-                          ref.lower())
-        if not found:
-            raise NotFound(f"no artifact with digest {ref}; see registry list")
-        if len(found) > 1:
-            names = ", ".join(a["name"] for a in found)
-            hint = "name one of them" if len({a["digest"] for a in found}) == 1 else "give more hex digits or a name"
-            raise AmbiguousRef(f"digest prefix {ref} matches {len(found)} artifacts ({names}); {hint}")
+                          digest_prefix(ref))
+        check_one_match(ref, [(a["name"], a["digest"]) for a in found])
         return found[0]
 
     # -- verify --quick -----------------------------------------------------------------------------------

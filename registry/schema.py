@@ -7,6 +7,7 @@ from here; models.py, db.py and jobs.py use the same values.
 from __future__ import annotations
 
 import hashlib
+import re
 
 KINDS = ("base", "adapter", "merged", "quantized", "checkpoint")
 STATUSES = ("ready", "incomplete", "corrupt", "deleted")
@@ -23,3 +24,29 @@ SCHEMA_HEAD = "0004"
 def stored_dedup_key(type: str, dedup_key: str) -> str:
     """The fixed-size form of a job's dedup key kept in the jobs table: `type:sha256(key)`."""
     return f"{type}:{hashlib.sha256(dedup_key.encode()).hexdigest()}"
+
+
+DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{8,64})$")
+
+
+def digest_prefix(ref: str) -> str:
+    """The lower-case `sha256:` prefix a ref gives once no tag or name matched it; else why it names nothing."""
+    from .errors import BadInput, NotFound
+
+    if DIGEST_RE.match(ref.lower()) is None:
+        if ref.lower().startswith("sha256:"):
+            raise BadInput(f"digest ref {ref!r} needs 'sha256:' and at least 8 hex digits")
+        raise NotFound(f"no artifact, tag or digest named {ref!r}; see registry list")
+    return ref.lower()
+
+
+def check_one_match(ref: str, matches: list[tuple[str, str]]) -> None:
+    """A digest prefix must name exactly one live artifact; `matches` holds (name, digest) of each it names."""
+    from .errors import AmbiguousRef, NotFound
+
+    if not matches:
+        raise NotFound(f"no artifact with digest {ref}; see registry list")
+    if len(matches) > 1:
+        names = ", ".join(name for name, _ in matches)
+        hint = "name one of them" if len({digest for _, digest in matches}) == 1 else "give more hex digits or a name"
+        raise AmbiguousRef(f"digest prefix {ref} matches {len(matches)} artifacts ({names}); {hint}")
