@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import socket
 import uuid
@@ -25,6 +26,7 @@ MAX_BACKOFF_SECONDS = 300
 current_lease: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar("current_lease", default=None)
 
 
+@functools.cache  # read once: gc asks for every pin it looks at
 def this_host() -> str:
     """The hostname, plus (on Linux) the boot id and the PID namespace: a pid means this process table only.
 
