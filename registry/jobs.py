@@ -10,9 +10,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from .db import db_now
 from .errors import BadInput, JobCancelled, LeaseLost, NotFound
@@ -20,6 +20,8 @@ from .models import JOB_STATES, UNFINISHED_STATES, Job
 from .schema import DEFAULT_LEASE_SECONDS, stored_dedup_key  # there so the CLI can use them without SQLAlchemy
 
 MAX_BACKOFF_SECONDS = 300
+# PostgreSQL NOTIFY channel: workers LISTEN on it and wake when a job becomes runnable (workers/wakeup.py).
+NOTIFY_CHANNEL = "registry_jobs"
 
 
 # (job id, lease owner) of the job this thread runs for a worker; registration checks it (the fencing check).
@@ -48,11 +50,12 @@ def worker_id() -> str:
 
 
 def enqueue(session: Session, type: str, params: dict[str, Any], dedup_key: str | None = None,
-            max_attempts: int = 3) -> tuple[Job, bool]:
+            max_attempts: int = 3, after: int | None = None) -> tuple[Job, bool]:
     """Queue a job; returns (job, created). An unfinished job with the same dedup key is returned instead.
 
     The key is stored as `type:sha256(key)`, so any request (hundreds of include globs, a long path) fits the
-    column; the readable request is in `params`.
+    column; the readable request is in `params`. With `after`, the job runs only once job `after` succeeded
+    (and fails with the reason when that one fails or is cancelled).
     """
     if dedup_key is not None:
         dedup_key = stored_dedup_key(type, dedup_key)
@@ -61,7 +64,7 @@ def enqueue(session: Session, type: str, params: dict[str, Any], dedup_key: str 
             return existing, False
     now = db_now(session)
     job = Job(type=type, params=params, dedup_key=dedup_key, max_attempts=max_attempts, state="queued",
-              run_after=now, created_at=now)
+              run_after=now, created_at=now, after_job_id=after)
     try:
         with session.begin_nested():
             session.add(job)
@@ -70,7 +73,18 @@ def enqueue(session: Session, type: str, params: dict[str, Any], dedup_key: str 
         if existing is None:
             raise
         return existing, False
+    if after is not None:
+        parent = get(session, after)
+        if parent.state in ("failed", "cancelled"):
+            _fail_dependents(session, parent, now)
+    notify(session, type)
     return job, True
+
+
+def notify(session: Session, job_type: str) -> None:
+    """Wake the workers LISTENing on PostgreSQL when this transaction commits (SQLite workers poll)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, :type)"), {"channel": NOTIFY_CHANNEL, "type": job_type})
 
 
 def _unfinished(session: Session, dedup_key: str) -> Job | None:
@@ -81,9 +95,12 @@ def claim(session: Session, owner: str, lease_seconds: float = DEFAULT_LEASE_SEC
           types: list[str] | None = None, job_id: int | None = None) -> Job | None:
     """Take the oldest runnable job (queued, or running with an expired lease) and lease it to `owner`."""
     now = db_now(session)
+    parent = aliased(Job)
+    parent_done = select(parent.id).where(parent.id == Job.after_job_id, parent.state == "succeeded").exists()
     query = (select(Job)
              .where(or_((Job.state == "queued") & (Job.run_after <= now),
                         (Job.state == "running") & (Job.lease_expires_at < now)))
+             .where(Job.after_job_id.is_(None) | parent_done)
              .order_by(Job.run_after, Job.id).limit(1))
     if types:
         query = query.where(Job.type.in_(types))
@@ -100,6 +117,7 @@ def claim(session: Session, owner: str, lease_seconds: float = DEFAULT_LEASE_SEC
         if job.state == "running" and job.attempts >= job.max_attempts:
             _finish(job, "failed", now, error=f"worker {job.lease_owner} stopped responding; no attempts left",
                     exit_code=1)
+            _fail_dependents(session, job, now)
             session.flush()
             continue
         job.state, job.lease_owner, job.attempts = "running", owner, job.attempts + 1
@@ -131,6 +149,33 @@ def expire_lease(session: Session, job_id: int) -> None:
     job = get(session, job_id)
     if job.state == "running":
         job.lease_expires_at = db_now(session) - timedelta(seconds=1)
+        notify(session, job.type)
+
+
+def expire_leases_of_process(session: Session, pid: int, host: str | None = None) -> list[int]:
+    """Expire the leases held by a process known dead (a daemon's worker that crashed): its jobs are taken
+    over at once instead of after the lease. Returns the job ids."""
+    prefix = f"{host or this_host()}:{pid}:"
+    running = session.scalars(select(Job).where(Job.state == "running", Job.lease_owner.startswith(prefix,
+                                                                                                   autoescape=True)))
+    ids = []
+    for job in running:
+        expire_lease(session, job.id)
+        ids.append(job.id)
+    return ids
+
+
+def params_for_run(session: Session, job: Job) -> dict[str, Any]:
+    """The job's params as its handler gets them: a job that runs after another and names a param in
+    `from_after` gets the artifact that job made there (a pipeline's quantize gets its merge's result)."""
+    params = dict(job.params)
+    key = params.pop("from_after", None)
+    if key and job.after_job_id is not None:
+        parent = get(session, job.after_job_id)
+        if parent.result_artifact_id is None:
+            raise BadInput(f"job {job.id} needs the artifact of job {parent.id}, which made none")
+        params[key] = parent.result_artifact_id
+    return params
 
 
 def _owned(session: Session, job_id: int, owner: str) -> Job:
@@ -197,6 +242,8 @@ def complete(session: Session, job_id: int, owner: str, result: dict[str, Any] |
     if job.progress_total is not None:
         job.progress_done = job.progress_total
     _finish(job, "succeeded", db_now(session), message=message, exit_code=0)
+    if session.scalars(select(Job.id).where(Job.after_job_id == job_id).limit(1)).first() is not None:
+        notify(session, job.type)  # its dependents are runnable now
     return job
 
 
@@ -211,6 +258,7 @@ def fail(session: Session, job_id: int, owner: str, error: str, exit_code: int =
         job.run_after = now + timedelta(seconds=min(MAX_BACKOFF_SECONDS, 2 ** job.attempts))
     else:
         _finish(job, "failed", now, error=error, exit_code=exit_code)
+        _fail_dependents(session, job, now)
     return job
 
 
@@ -220,6 +268,7 @@ def release(session: Session, job_id: int, owner: str, message: str) -> Job:
     job.state, job.lease_owner, job.lease_expires_at = "queued", None, None
     job.attempts = max(0, job.attempts - 1)
     job.run_after, job.message = db_now(session), message
+    notify(session, job.type)
     return job
 
 
@@ -227,6 +276,7 @@ def mark_cancelled(session: Session, job_id: int, owner: str, message: str) -> J
     """The handler stopped after a cancel request."""
     job = _owned(session, job_id, owner)
     _finish(job, "cancelled", db_now(session), message=message, exit_code=1)
+    _fail_dependents(session, job, db_now(session))
     return job
 
 
@@ -235,9 +285,20 @@ def cancel(session: Session, job_id: int) -> Job:
     job = get(session, job_id)
     if job.state == "queued":
         _finish(job, "cancelled", db_now(session), message="cancelled before it ran", exit_code=1)
+        _fail_dependents(session, job, db_now(session))
     elif job.state == "running":
         job.cancel_requested = True
     return job
+
+
+def _fail_dependents(session: Session, parent: Job, now: datetime) -> None:
+    """Fail every queued job waiting for `parent` (and theirs in turn), saying which job failed and why."""
+    reason = parent.error or parent.message or parent.state
+    waiting = list(session.scalars(select(Job).where(Job.after_job_id == parent.id, Job.state == "queued")))
+    for child in waiting:
+        _finish(child, "failed", now, error=f"job {parent.id} ({parent.type}) it waited for {parent.state}: {reason}",
+                exit_code=parent.exit_code or 1)
+        _fail_dependents(session, child, now)
 
 
 def _finish(job: Job, state: str, now: datetime, message: str | None = None, error: str | None = None,
@@ -279,4 +340,5 @@ def job_dict(job: Job) -> dict[str, Any]:
         "result_artifact_id": job.result_artifact_id, "created_at": iso(job.created_at),
         "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
         "heartbeat_at": iso(job.heartbeat_at), "lease_expires_at": iso(job.lease_expires_at),
+        "after": job.after_job_id,
     }

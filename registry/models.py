@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .schema import JOB_STATES, KINDS, ROLES, STATUSES, UNFINISHED_STATES  # noqa: F401  (kept importable here)
@@ -136,9 +136,27 @@ class Job(Base):
     exit_code: Mapped[Optional[int]] = mapped_column(Integer)
     result: Mapped[Optional[dict[str, Any]]]
     result_artifact_id: Mapped[Optional[int]] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
+    # Runs only after this job succeeded (a quantize after its merge); fails with it when it fails.
+    after_job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime)
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime)
+
+
+class Trigger(Base):
+    """What made the daemon queue a job: a dropped folder, a finished checkpoint, a pipeline rule on an
+    artifact, a followed commit. Unique per (source, key), and written in the transaction that queues the job,
+    so the same cause never queues twice, whatever crashes in between."""
+    __tablename__ = "triggers"
+    __table_args__ = (UniqueConstraint("source", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(32))  # drop, training, pipeline, follow
+    key: Mapped[str] = mapped_column(String(64))  # sha256 of `subject`, so any path fits
+    subject: Mapped[str] = mapped_column(Text)  # readable: the folder and its fingerprint, rule and artifact
+    job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Event(Base):

@@ -12,13 +12,15 @@ import re
 KINDS = ("base", "adapter", "merged", "quantized", "checkpoint")
 STATUSES = ("ready", "incomplete", "corrupt", "deleted")
 ROLES = ("base", "adapter", "calibration", "source")
+# Every job type a worker runs (workers/runner.py HANDLERS has one module per type).
+JOB_TYPES = ("import", "verify", "pull", "merge", "quantize", "repair", "scrub", "gc", "prune")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 UNFINISHED_STATES = ("queued", "running")
 DEFAULT_LEASE_SECONDS = 60  # how long a claimed job stays its worker's without a heartbeat (`worker --lease`)
 
 # The newest migration; a test checks it against Alembic. Knowing it here lets every command check the schema
 # with one query instead of importing Alembic (about 0.1 s of start-up).
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 
 def stored_dedup_key(type: str, dedup_key: str) -> str:

@@ -6,7 +6,7 @@ import sys
 import click
 
 from .. import render
-from ..schema import DEFAULT_LEASE_SECONDS, JOB_STATES
+from ..schema import DEFAULT_LEASE_SECONDS, JOB_STATES, JOB_TYPES
 from . import cli
 from .common import _reg, float_range, int_range, jobs, json_option  # jobs: imported on first use (common.py)
 
@@ -81,11 +81,17 @@ def cancel(job_id: int, as_json: bool) -> None:
 @click.option("--lease", default=DEFAULT_LEASE_SECONDS, show_default=True, type=float_range(1),
               help="Seconds a claimed job stays ours without a heartbeat.")
 @click.option("--poll", default=1.0, show_default=True, type=float_range(0, min_open=True),
-              help="Seconds between looks at an empty queue.")
+              help="Seconds between looks at the queue when nothing announced a job (a retry's backoff ending).")
 @click.option("--grace", default=30.0, show_default=True, type=float_range(0),
               help="Seconds the current job may take to finish after SIGTERM/SIGINT before it is re-queued.")
-def worker(once: bool, lease: float, poll: float, grace: float) -> None:
+@click.option("--type", "types", multiple=True, type=click.Choice(JOB_TYPES),
+              help="Run only jobs of this type (repeat for several); default: every type.")
+def worker(once: bool, lease: float, poll: float, grace: float, types: tuple[str, ...]) -> None:
     """Run one worker: claim queued jobs and run them until stopped.
+
+    An idle worker wakes when a job is queued (PostgreSQL NOTIFY; on SQLite it notices the database change
+    within 0.1 s), so --poll only bounds how late a retry after its backoff starts. `registry daemon` runs
+    pools of these.
 
     SIGTERM or Ctrl-C stops claiming and lets the current job finish (up to --grace seconds); a second one,
     or the grace running out, puts the job back in the queue for another worker and exits with code 130.
@@ -95,6 +101,7 @@ def worker(once: bool, lease: float, poll: float, grace: float) -> None:
       registry worker
       registry worker --once
       registry worker --lease 120 --grace 300
+      registry worker --type merge --type quantize
     """
     from ..errors import EXIT_INTERRUPTED, WorkerStopped
     from ..workers import worker_loop
@@ -104,7 +111,8 @@ def worker(once: bool, lease: float, poll: float, grace: float) -> None:
     reg = _reg()
     reg.init()
     try:
-        ran = worker_loop(reg, lease_seconds=lease, poll_seconds=poll, once=once, grace_seconds=grace)
+        ran = worker_loop(reg, lease_seconds=lease, poll_seconds=poll, once=once, grace_seconds=grace,
+                          types=list(types) or None)
     except WorkerStopped as exc:
         click.echo(f"{exc}; it is queued again for another worker", err=True)
         sys.exit(EXIT_INTERRUPTED)
