@@ -3,7 +3,10 @@
 A pulled artifact re-downloads exactly those files from its recorded endpoint and commit (with the pull
 Downloader, checked against the hub's digest and then the manifest's sha256; the endpoint must be trusted,
 as for a pull job). An imported one re-reads them from its source folder when they still hash to the
-manifest's sha256. Nothing else is written: the artifact, its digest and its other blobs stay as they are.
+manifest's sha256. With `from_dir` (`registry repair REF --from DIR`) they are read from that folder instead,
+at the same relative paths, for any artifact (a merged or quantized one too), again only when they hash to
+the manifest's sha256. Nothing else is written: the artifact, its digest and its other blobs stay as they are.
+The daemon's scrub queues repair jobs for the artifacts of a damaged blob (scrub.py).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ class RepairResult:
     artifact_id: int
     name: str
     digest: str
-    source: str  # hub, folder, or none (made by a job whose inputs are not kept)
+    source: str  # hub, folder, given (--from DIR), or none (made by a job whose inputs are not kept)
     files_checked: int
     damaged: list[dict[str, str]] = field(default_factory=list)  # {path, status: missing|wrong_size|mismatch}
     restored: list[str] = field(default_factory=list)
@@ -64,12 +67,16 @@ class _Target:
 
 
 def repair(reg: Registry, artifact_id: int, reporter: Reporter | None = None,
-           job_id: int | None = None) -> RepairResult:
-    """Re-hash every blob of the artifact and restore the bad ones from its source; records the outcome."""
+           job_id: int | None = None, from_dir: str | None = None) -> RepairResult:
+    """Re-hash every blob of the artifact and restore the bad ones from its source (or from `from_dir`, a
+    folder holding the same files at the same relative paths); records the outcome."""
     reporter = reporter or NullReporter()
     target = _load(reg, artifact_id)
     damaged = _check(reg, target, reporter)  # sha256 -> status
-    source = "hub" if target.endpoint and target.repo and target.commit else "folder" if target.path else "none"
+    if from_dir is not None:
+        source = "given"
+    else:
+        source = "hub" if target.endpoint and target.repo and target.commit else "folder" if target.path else "none"
     result = RepairResult(target.id, target.name, target.digest, source, len(target.files))
     result.damaged = [{"path": p, "status": damaged[sha]} for p, sha, _ in target.files if sha in damaged]
     wanted = {sha: [p for p, s, _ in target.files if s == sha] for sha in damaged}
@@ -78,6 +85,10 @@ def repair(reg: Registry, artifact_id: int, reporter: Reporter | None = None,
     if wanted and source == "hub":
         restored = _from_hub(reg, load_worker_config(reg.home), target, wanted, sizes, result, reporter)
         result.hint = f"pull {target.repo}@{target.commit} again under a new name" if result.unrestorable else None
+    elif wanted and source == "given":
+        restored = _from_folder(reg, load_worker_config(reg.home), target, wanted, result, Path(from_dir))
+        result.hint = (f"{from_dir} does not hold these files with the content the manifest records; put the "
+                       "right files there and run registry repair again" if result.unrestorable else None)
     elif wanted and source == "folder":
         restored = _from_folder(reg, load_worker_config(reg.home), target, wanted, result)
         result.hint = (f"the source folder {target.path} no longer holds these files as imported; put them back "
@@ -181,12 +192,14 @@ def _from_hub(reg: Registry, config: WorkerConfig, target: _Target, wanted: dict
 
 
 def _from_folder(reg: Registry, config: WorkerConfig, target: _Target, wanted: dict[str, list[str]],
-                 result: RepairResult) -> dict[str, Ingested]:
+                 result: RepairResult, given: Path | None = None) -> dict[str, Ingested]:
+    """From the artifact's source folder, or from `given` (--from DIR): the file at each path holding the blob."""
     restored = {}
     for sha, paths in wanted.items():
         reasons = []
         for rel in paths:
-            reason = _restore_one(reg, config, Path(target.path) / rel, sha, restored)
+            candidate = (given or Path(target.path)) / rel
+            reason = _restore_one(reg, config, candidate, sha, restored, given is not None)
             if reason is None:
                 break
             reasons.append({"path": rel, "reason": reason})
@@ -196,16 +209,18 @@ def _from_folder(reg: Registry, config: WorkerConfig, target: _Target, wanted: d
 
 
 def _restore_one(reg: Registry, config: WorkerConfig, candidate: Path, sha: str,
-                 restored: dict[str, Ingested]) -> str | None:
+                 restored: dict[str, Ingested], given: bool = False) -> str | None:
     """Store `candidate` as blob `sha` if it still has that content; else the reason it cannot be used."""
     try:
         resolved = config.check_path(candidate, "source file")
     except RegistryError as exc:
         return str(exc)
     if not resolved.is_file():
-        return f"{candidate} no longer exists"
+        return f"{candidate} is not in the folder" if given else f"{candidate} no longer exists"
     actual, _ = hash_file(resolved)  # read first: the damaged blob stays unless the source really matches
     if actual != sha:
+        if given:
+            return f"{candidate} has other content (sha256 {actual}, the manifest records {sha})"
         return f"{candidate} has changed since it was imported (sha256 {actual}, the manifest records {sha})"
     got = reg.store.ingest_file(resolved, replace=True)  # renamed over the damaged file only if it matches
     if got.sha256 != sha:

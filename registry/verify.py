@@ -171,13 +171,24 @@ def _record(reg: Registry, artifacts: list[Artifact], reports: list[ArtifactChec
 def _mark_sharers(session, verified: Artifact, bad_shas: set[str], job_id: int | None) -> list[str]:
     """Damage is a property of a blob, not of one artifact: every live artifact holding a damaged blob is
     corrupt too (the same folder imported under two names shares all of them). Returns their names."""
-    holders = select(File.artifact_id).where(File.sha256.in_(sorted(bad_shas)))
-    sharers = session.scalars(select(Artifact).where(Artifact.id.in_(holders), Artifact.id != verified.id,
-                                                     Artifact.status != "deleted")
-                              .order_by(Artifact.name)).all()
-    for other in sharers:
-        if other.status != "corrupt":
-            other.status = "corrupt"
+    sharers = mark_holders_corrupt(session, bad_shas, exclude_id=verified.id)
+    for other, newly in sharers:
+        if newly:
             record_event(session, "marked_corrupt", other.id, job_id, by_verify_of=verified.name,
                          blobs=sorted(bad_shas))
-    return [other.name for other in sharers]
+    return [other.name for other, _ in sharers]
+
+
+def mark_holders_corrupt(session, bad_shas: set[str], exclude_id: int | None = None) -> list[tuple[Artifact, bool]]:
+    """Mark every live artifact holding one of these blobs `corrupt` (verify, and the daemon's scrub);
+    returns (artifact, whether this call marked it) by name. The caller records the events."""
+    holders = select(File.artifact_id).where(File.sha256.in_(sorted(bad_shas)))
+    query = select(Artifact).where(Artifact.id.in_(holders), Artifact.status != "deleted").order_by(Artifact.name)
+    if exclude_id is not None:
+        query = query.where(Artifact.id != exclude_id)
+    marked = []
+    for artifact in session.scalars(query).all():
+        newly = artifact.status != "corrupt"
+        artifact.status = "corrupt"
+        marked.append((artifact, newly))
+    return marked

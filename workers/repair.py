@@ -11,7 +11,7 @@ from .context import HandlerResult, JobReporter
 
 def handle(reg: Registry, params: dict[str, Any], reporter: JobReporter, job_id: int) -> HandlerResult:
     """Run a repair job; files that cannot be restored make the job's answer a failure with exit code 1."""
-    result = repair(reg, params["artifact_id"], reporter, job_id)
+    result = repair(reg, params["artifact_id"], reporter, job_id, from_dir=params.get("from_dir"))
     if not result.ok:
         paths = ", ".join(u["path"] for u in result.unrestorable)
         return HandlerResult(artifact_id=result.artifact_id, result=result.to_dict(), exit_code=1,

@@ -25,7 +25,8 @@ Handler = Callable[[Registry, dict, JobReporter, int], HandlerResult]
 # Job type -> handler module, imported on first use: merge and quantize pull in torch, which a pull or an
 # import should not pay for (about a second, and 250 MB read from disk when the page cache is cold).
 HANDLERS: dict[str, str] = {"import": "import_folder", "verify": "verify", "pull": "pull", "merge": "merge",
-                            "quantize": "quantize", "repair": "repair"}
+                            "quantize": "quantize", "repair": "repair", "scrub": "scrub", "gc": "gc",
+                            "prune": "prune"}
 ML_JOBS = ("merge", "quantize")
 
 
@@ -145,7 +146,16 @@ def run_job(reg: Registry, job_id: int, owner: str, lease_seconds: float = jobs.
     unexpected: Exception | None = None
     with reg.read_session() as s:
         job = jobs.get(s, job_id)
-        job_type, params = job.type, dict(job.params)
+        job_type = job.type
+        try:
+            params = jobs.params_for_run(s, job)
+        except RegistryError as exc:
+            params_error = exc
+        else:
+            params_error = None
+    if params_error is not None:
+        _record(reg, lambda s: jobs.fail(s, job_id, owner, str(params_error), params_error.exit_code, retry=False))
+        return _final(reg, job_id)
     reporter = JobReporter(job_id, terminal)
     beat = Heartbeat(reg, job_id, owner, lease_seconds, reporter)
     beat.start()
@@ -186,8 +196,13 @@ def run_job(reg: Registry, job_id: int, owner: str, lease_seconds: float = jobs.
             _record(reg, lambda s: jobs.fail(s, job_id, owner, outcome.error, outcome.exit_code, retry=False,
                                              result=outcome.result))
         else:
-            _record(reg, lambda s: jobs.complete(s, job_id, owner, outcome.result, outcome.artifact_id,
-                                                 outcome.message))
+            def succeed(s):
+                # The last progress first: a job shorter than one heartbeat would otherwise keep none (metrics
+                # sum the bytes of succeeded jobs).
+                if reporter.total is not None:
+                    jobs.renew(s, job_id, owner, lease_seconds, reporter.done, reporter.total, reporter.unit)
+                jobs.complete(s, job_id, owner, outcome.result, outcome.artifact_id, outcome.message)
+            _record(reg, succeed)
     finally:
         jobs.current_lease.reset(lease_token)
         release_all_pins(reg.store)
@@ -277,15 +292,28 @@ def worker_loop(reg: Registry, owner: str | None = None, lease_seconds: float = 
                 grace_seconds: float = 30.0) -> int:
     """Claim and run jobs until stopped; returns the number of jobs run.
 
-    SIGTERM/SIGINT: the current job may finish within `grace_seconds`; a second signal (or the grace running
-    out) re-queues it and raises WorkerStopped.
+    Between jobs it waits for a new one without querying the queue: PostgreSQL NOTIFY wakes it, on SQLite it
+    watches the database file change (wakeup.py); every `poll_seconds` it looks anyway (a retry whose backoff
+    ended, a lease that expired). SIGTERM/SIGINT: the current job may finish within `grace_seconds`; a second
+    signal (or the grace running out) re-queues it and raises WorkerStopped.
     """
+    from .wakeup import JobWaiter
+
     owner = owner or jobs.worker_id()
     signals = StopSignals(grace_seconds)
     if threading.current_thread() is threading.main_thread():
         signals.install()
+    log.info("worker %s started%s", owner, f" for {', '.join(types)} jobs" if types else "")
+    waiter = None if once else JobWaiter(reg)
+    try:
+        return _claim_and_run(reg, owner, lease_seconds, poll_seconds, once, types, signals, waiter)
+    finally:
+        if waiter is not None:
+            waiter.close()
+
+
+def _claim_and_run(reg, owner, lease_seconds, poll_seconds, once, types, signals, waiter) -> int:
     ran = 0
-    log.info("worker %s started", owner)
     while not signals.stopping.is_set():
         with reg.session() as s:
             job = jobs.claim(s, owner, lease_seconds, types)
@@ -293,7 +321,7 @@ def worker_loop(reg: Registry, owner: str | None = None, lease_seconds: float = 
         if job_id is None:
             if once:
                 break
-            signals.stopping.wait(poll_seconds)
+            waiter.wait(poll_seconds, signals.stopping)
             continue
         if signals.stopping.is_set():  # a signal came while claiming: do not start it
             with reg.session() as s:

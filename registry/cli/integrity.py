@@ -96,26 +96,41 @@ def _verify_upstream(refs: tuple[str, ...], all_: bool, endpoint: str | None, to
 
 @cli.command()
 @click.argument("ref")
+@click.option("--from", "from_dir", metavar="DIR", help="Restore from this folder instead of the source: it holds "
+              "the artifact's files at the same relative paths (each is checked against the manifest's sha256).")
 @detach_option
 @json_option
-def repair(ref: str, detach: bool, as_json: bool) -> None:
+def repair(ref: str, from_dir: str | None, detach: bool, as_json: bool) -> None:
     """Re-verify an artifact and restore its missing or damaged files from its source.
 
     A pulled artifact re-downloads them from its endpoint and commit (the endpoint must be trusted: the
     public hub, HF_ENDPOINT or config.toml); an imported one re-reads them from its source folder when they
-    still have the content that was imported. Exit 1 when a file cannot be restored.
+    still have the content that was imported. With --from DIR, any artifact (merged and quantized ones too)
+    takes them from DIR, a copy of its files (a backup, another host's export). A file is replaced only by
+    content with the manifest's sha256. Exit 1 when a file cannot be restored.
 
     \b
     Examples:
       registry verify llama-7b || registry repair llama-7b
       registry repair llama-7b --json
+      registry repair llama-7b-chat-int4 --from /backup/llama-7b-chat-int4
     """
+    from pathlib import Path
+
     from ..repair import resolve_for_repair
 
+    params: dict = {}
+    if from_dir is not None:
+        folder = Path(from_dir).expanduser()
+        if not folder.is_dir():
+            raise BadInput(f"--from {from_dir}: {'not a folder' if folder.exists() else 'no such folder'}; give "
+                           "the folder that holds the artifact's files")
+        params["from_dir"] = str(folder.resolve())  # the job may run in a worker with another working folder
     with _reg().session() as s:  # resolve now: the job names the artifact by id, never by a movable ref
         artifact = resolve_for_repair(s, ref)
-        params = {"artifact_id": artifact.id, "name": artifact.name}
-    job = _run("repair", params, f"repair:{artifact.id}", detach, as_json)
+        params.update({"artifact_id": artifact.id, "name": artifact.name})
+    key = f"repair:{artifact.id}" + (f":from:{params['from_dir']}" if from_dir is not None else "")
+    job = _run("repair", params, key, detach, as_json)
     if job is None:
         return
     r = job.result
