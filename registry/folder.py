@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fnmatch
 import json
 import os
 import struct
@@ -56,8 +57,17 @@ def check_relative_path(rel: str) -> str:
     return rel
 
 
-def scan_folder(folder: Path, kind: str | None = None, contain_within: Path | None = None) -> FolderScan:
-    """Validate a model folder and read its kind and metadata; raise BadInput on anything wrong."""
+def excluded(rel: str, is_dir: bool, patterns: tuple[str, ...] | list[str]) -> bool:
+    """Whether `exclude` globs (fnmatch on the path relative to the folder) leave this file or folder out; a
+    pattern ending in "/" matches folders only, so ["*/"] keeps the top-level files alone."""
+    return any(fnmatch.fnmatchcase(rel + "/" if is_dir else rel, p) or (is_dir and fnmatch.fnmatchcase(rel, p))
+               for p in patterns)
+
+
+def scan_folder(folder: Path, kind: str | None = None, contain_within: Path | None = None,
+                exclude: tuple[str, ...] | list[str] = ()) -> FolderScan:
+    """Validate a model folder and read its kind and metadata; raise BadInput on anything wrong. Files and
+    folders matching `exclude` (see `excluded`) are neither read nor registered."""
     folder = Path(folder)
     if not folder.exists():
         raise BadInput(f"folder {folder} does not exist; pass the path of a model folder")
@@ -66,7 +76,7 @@ def scan_folder(folder: Path, kind: str | None = None, contain_within: Path | No
     if kind is not None and kind not in KINDS:
         raise BadInput(f"unknown kind {kind!r}; use one of: {', '.join(KINDS)}")
     try:
-        files = _walk(folder, (contain_within or folder).resolve())
+        files = _walk(folder, (contain_within or folder).resolve(), tuple(exclude))
         if not files:
             raise BadInput(f"folder {folder} is empty; pass a folder with model files")
         if not any(rel.endswith(WEIGHT_SUFFIXES) for rel in files):
@@ -98,10 +108,15 @@ def _raise(exc: OSError) -> None:
     raise exc  # os.walk skips folders it cannot list unless told otherwise: a partial import is worse
 
 
-def _walk(folder: Path, boundary: Path) -> dict[str, Path]:
+def _walk(folder: Path, boundary: Path, exclude: tuple[str, ...] = ()) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        if exclude:
+            base = Path(dirpath).relative_to(folder).as_posix()
+            rel_of = (lambda n: n) if base == "." else (lambda n: f"{base}/{n}")  # noqa: E731
+            dirnames[:] = [d for d in dirnames if not excluded(rel_of(d), True, exclude)]
+            filenames = [n for n in filenames if not excluded(rel_of(n), (Path(dirpath) / n).is_dir(), exclude)]
         for name in list(dirnames):
             full = Path(dirpath) / name
             if full.is_symlink():  # os.walk does not descend into linked folders: treat them as entries
