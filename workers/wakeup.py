@@ -64,7 +64,7 @@ class JobWaiter:
                 return
             # Drain only once this generator has ended: it holds the connection's lock (not re-entrant) while
             # it runs, so a second notifies() inside the loop waits for ever.
-            woken = any(True for _ in self._pg.notifies(timeout=min(left, STOP_CHECK_SECONDS), stop_after=1))
+            woken = list(self._pg.notifies(timeout=min(left, STOP_CHECK_SECONDS), stop_after=1))
             if woken:
                 self._drain_pg()
                 return
