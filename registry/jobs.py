@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -63,6 +63,14 @@ def enqueue(session: Session, type: str, params: dict[str, Any], dedup_key: str 
         if existing is not None:
             return existing, False
     now = db_now(session)
+    if after is not None:
+        # Lock the parent row (PostgreSQL) so a concurrent fail either commits first (seen below) or waits
+        # for this child to commit (and then fails it): never a child left waiting for a failed parent.
+        query = select(Job).where(Job.id == after).execution_options(populate_existing=True)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()
+        if session.scalars(query).first() is None:
+            raise NotFound(f"no job {after} to run after; see registry jobs")
     job = Job(type=type, params=params, dedup_key=dedup_key, max_attempts=max_attempts, state="queued",
               run_after=now, created_at=now, after_job_id=after)
     try:
@@ -126,6 +134,20 @@ def claim(session: Session, owner: str, lease_seconds: float = DEFAULT_LEASE_SEC
         job.error = None
         session.flush()
         return job
+
+
+def seconds_until_due(session: Session, types: list[str] | None = None) -> float | None:
+    """Seconds until the next job that nobody will announce becomes claimable: a retry whose backoff ends, or
+    a lease that runs out. An idle worker sleeps that long (bounded by its poll) instead of polling blindly."""
+    now = db_now(session)
+    queued = select(func.min(Job.run_after)).where(Job.state == "queued", Job.run_after > now)
+    leased = select(func.min(Job.lease_expires_at)).where(Job.state == "running")
+    if types:
+        queued, leased = queued.where(Job.type.in_(types)), leased.where(Job.type.in_(types))
+    times = [t for t in (session.scalar(queued), session.scalar(leased)) if t is not None]
+    if not times:
+        return None
+    return max(0.0, (min(times) - now).total_seconds())
 
 
 def owner_is_dead(owner: str | None) -> bool:

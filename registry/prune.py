@@ -9,6 +9,7 @@ enforcing foreign keys. Rows go in batches, each its own short transaction, so w
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from .models import Event, Job, Trigger
 from .schema import UNFINISHED_STATES
 
 BATCH = 500
+MAX_OLDER_THAN = 100 * 365 * 86400.0  # seconds: a century
 
 
 @dataclass
@@ -39,7 +41,8 @@ class PruneResult:
 
 def prune(reg: Registry, older_than: float) -> PruneResult:
     """Delete finished jobs and events older than `older_than` seconds (by the database's clock)."""
-    if not isinstance(older_than, (int, float)) or isinstance(older_than, bool) or older_than <= 0:
+    if (not isinstance(older_than, (int, float)) or isinstance(older_than, bool) or not math.isfinite(older_than)
+            or not 0 < older_than <= MAX_OLDER_THAN):  # NaN, inf or 10,000 years would fail the date arithmetic
         raise BadInput(f"older_than={older_than!r}: give a positive number of seconds (e.g. 2592000 for 30 days)")
     with reg.read_session() as s:
         cutoff = db_now(s) - timedelta(seconds=older_than)

@@ -103,6 +103,11 @@ def test_command_line_flags_override_the_file(tmp_path):
     found = problems_of("", watch=(str(tmp_path / "nope"),), metrics="9000")
     assert any(p.startswith("--watch[0].path:") and "nope" in p for p in found)
     assert any(p.startswith("--metrics: '9000' is not HOST:PORT") for p in found)
+    # A --watch inside (or equal to) a folder the file watches would be a second watch on it.
+    (drop / "checkpoint-1").mkdir()
+    found = problems_of(f'[[watch]]\npath = "{drop}"\nmode = "training"\n', watch=(str(drop / "checkpoint-1"),))
+    assert found == [f"--watch {drop / 'checkpoint-1'}: overlaps watch[0].path ({drop}) of the config file; "
+                     "watch each folder once"]
 
 
 # --- through the CLI: exit 2 and nothing started -----------------------------------------------------------------
@@ -136,6 +141,14 @@ def test_check_prints_what_would_run(home, tmp_path):
                                     "pool gpu: 3 worker(s) for quantize; GPUs 0, 1, 0", f"watch: {drop}"]
     out = run_cli("daemon", "--check", "--workers", "2", "--metrics", "127.0.0.1:9464", timeout=60).stdout
     assert f"pool all: 2 worker(s) for {', '.join(JOB_TYPES)}" in out and "metrics 127.0.0.1:9464" in out
+    # What only this host can tell (the workers' allowed roots, trusted endpoints) is checked by --check too,
+    # every problem at once, as a start would.
+    (home / "config.toml").write_text(f'[paths]\nallowed_roots = ["{tmp_path / "models"}"]\n')
+    (home / "daemon.toml").write_text('[[follow]]\nrepo = "acme/tiny"\nendpoint = "https://mirror.example"\n')
+    lines = run_cli("daemon", "--check", "--watch", str(drop), check=2, timeout=60).stderr.splitlines()
+    assert lines[0] == f"error: {home / 'daemon.toml'}: 2 problem(s); fix them and start again:"
+    assert lines[1].startswith(f"  watch folder {drop} is outside this worker's allowed roots")
+    assert lines[2].startswith("  follow acme/tiny@main: endpoint https://mirror.example is not trusted")
 
 
 # --- GPUs ------------------------------------------------------------------------------------------------------
@@ -214,3 +227,14 @@ def test_docker_compose_runs_the_daemon_with_a_stop_grace_period_longer_than_the
     proc = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COMPOSE_PROJECT_NAME": "t"})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_non_finite_durations_and_rates_are_refused():
+    from registry.daemon.options import byte_rate, duration
+
+    problems: list[str] = []
+    for value in (float("nan"), float("inf"), 1e400, "1e400"):
+        duration(value, "scrub.every", problems)
+    byte_rate(float("inf"), "scrub.bandwidth", problems)
+    assert len(problems) == 5 and all("scrub." in p for p in problems)
+    assert duration("90m", "x", problems) == 5400 and len(problems) == 5

@@ -142,6 +142,7 @@ def test_config_problems_are_all_reported():
         {"repo": "not a repo"},
         {"repo": "acme/tiny", "revision": "v1", "include": ["*.json"], "every": "15m"},
         {"repo": "acme/tiny@v1", "include": "*.json"},
+        {"repo": "acme/other", "endpoint": "https://bot:hunter2@mirror.example"},
     ], problems)
     assert problems == [
         "follow[0].colour: unknown key; known keys: endpoint, every, exclude, include, kind, repo, revision, tag, "
@@ -157,8 +158,11 @@ def test_config_problems_are_all_reported():
         "follow[1].repo: required",
         "follow[2].repo: malformed repo id 'not a repo'; use org/name or org/name@revision",
         "follow[4]: follows acme/tiny@v1 as follow[3] does; remove one",
+        "follow[5].endpoint: must not hold a user or password (user:password@); give the endpoint's token with "
+        "token_file or token_env in its [[endpoints]] entry of config.toml",
     ]
-    last = follows[-2]
+    assert not any("hunter2" in p for p in problems)
+    last = follows[-3]
     assert (last.repo, last.revision, last.every, last.include, last.endpoint) == (
         "acme/tiny", "v1", 900.0, ("*.json",), None)
 

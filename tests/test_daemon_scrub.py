@@ -310,6 +310,27 @@ def test_prune_job_with_bad_params_fails_with_the_reason(sreg):
     worker_loop(sreg, once=True)
     job = _job(sreg, job_id)
     assert job.state == "failed" and job.attempts == 1 and "older_than='soon'" in job.error
+    # Beyond any date the database holds: bad input (exit 2, not retried), not an unexpected OverflowError.
+    job_id = _queue(sreg, "prune", {"older_than": 1e12})
+    worker_loop(sreg, once=True)
+    job = _job(sreg, job_id)
+    assert (job.state, job.attempts, job.exit_code) == ("failed", 1, 2)
+    assert job.error.startswith("older_than=1000000000000.0: give a positive number of seconds")
+
+
+@pytest.mark.parametrize("params, error", [
+    ({"older_than": float("nan")}, "older_than=nan: give a positive number of seconds"),
+    ({"bandwidth": float("inf")}, "scrub bandwidth inf must be a positive number of bytes per second"),
+    ({"bandwidth": float("nan")}, "scrub bandwidth nan must be a positive number of bytes per second"),
+])
+def test_non_finite_job_params_are_bad_input(tmp_path, params, error):
+    """NaN and infinity pass `<= 0` checks; SQLite stores them in JSON params (PostgreSQL refuses them)."""
+    reg = Registry(database_url=f"sqlite:///{tmp_path / 'registry.db'}", home=tmp_path / "home")
+    reg.init()
+    job_id = _queue(reg, "prune" if "older_than" in params else "scrub", params)
+    worker_loop(reg, once=True)
+    job = _job(reg, job_id)
+    assert (job.state, job.attempts, job.exit_code) == ("failed", 1, 2) and job.error.startswith(error)
 
 
 # --- the schedules ---

@@ -300,6 +300,14 @@ def test_sighup_resizes_pools_adds_a_watch_and_keeps_the_old_config_when_the_new
     assert "pools.io.size: 0 must be a whole number of at least 1" in line and "bogus: unknown key" in line
     time.sleep(1)  # nothing else happens: the running config stays
     assert len([w for w in d.workers() if w["alive"]]) == 2 and d.proc.poll() is None
+    # What only the host can tell (an endpoint its worker config does not trust) refuses the reload too, whole.
+    d.config.write_text(conf("[pools.io]\nsize = 2\njobs = [\"verify\"]\n"
+                             "[[follow]]\nrepo = \"acme/tiny\"\nendpoint = \"https://mirror.example\"\n"))
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for("the second refusal", lambda: d.log().count("reload refused") == 2)
+    line = [x for x in d.log().splitlines() if "reload refused" in x][-1]
+    assert "follow acme/tiny@main: endpoint https://mirror.example is not trusted" in line
+    assert [s["name"] for s in d.state()["services"]] == [f"watch:{drop}"]  # the running config stays
 
     d.config.write_text(conf("[pools.io]\nsize = 1\njobs = [\"verify\"]\n"))
     d.proc.send_signal(signal.SIGHUP)

@@ -22,6 +22,7 @@ from conftest import write_safetensors_header
 from test_lineage import make_adapter
 from registry import Registry
 from registry.catalog import list_artifacts, resolve, tags_of
+from registry.cli.daemon import _print_daemon
 from registry.daemon.folders import training_facts
 from registry.daemon.options import ConfigErrors
 from registry.daemon.watch import WatchConfig, WatchService, parse_watches, watch_services
@@ -208,6 +209,25 @@ def test_bad_registry_json_is_a_failed_job_not_a_crash(reg, tiny_model, tmp_path
     assert "\n" not in job["error"]
 
 
+def test_registry_json_that_links_out_or_is_huge_is_refused_unread(reg, tiny_model, tmp_path):
+    """The daemon reads registry.json itself: a symlink could make it read any file of the host, and a huge
+    file would be loaded whole; both fail the folder's import with the reason."""
+    outside = tmp_path / "secret.json"
+    outside.write_text(json.dumps({"name": "from-outside"}))
+    drop = tmp_path / "drop"
+    linked, huge = drop / "linked", drop / "huge"
+    for folder in (linked, huge):
+        shutil.copytree(tiny_model, folder)
+    (linked / "registry.json").symlink_to(outside)
+    (huge / "registry.json").write_text(" " * (64 * 1024 + 1) + "{}")
+    svc = service(reg, drop)
+    tick_until(svc, lambda: len(import_jobs(reg)) == 2)
+    errors = sorted(j["error"] for j in import_jobs(reg))
+    assert errors == [f"{huge}: registry.json is {64 * 1024 + 3} bytes; it holds only name, kind, base, tags",
+                      f"{linked}: registry.json is a symlink; write it as a file in the folder"]
+    assert all(j["state"] == "failed" for j in import_jobs(reg)) and artifact_names(reg) == []
+
+
 def test_index_naming_a_missing_shard_is_refused(reg, tiny_model, tmp_path):
     drop = tmp_path / "drop"
     folder = drop / "sharded"
@@ -221,7 +241,7 @@ def test_index_naming_a_missing_shard_is_refused(reg, tiny_model, tmp_path):
             "which is not a safetensors file in the folder") in job["error"]
 
 
-def test_registry_json_names_kind_base_tags_and_waits_for_its_base(reg, tiny_model, tmp_path):
+def test_registry_json_names_kind_base_tags_and_waits_for_its_base(reg, tiny_model, tmp_path, capsys):
     drop = tmp_path / "drop"
     drop.mkdir()
     svc = service(reg, drop, tags=["dropped"])
@@ -229,6 +249,13 @@ def test_registry_json_names_kind_base_tags_and_waits_for_its_base(reg, tiny_mod
     (lora / "registry.json").write_text(json.dumps({"name": "my-lora", "base": "tiny", "tags": ["my-lora:prod"]}))
     tick_until(svc, lambda: svc.status()["waiting"] and "base" in svc.status()["waiting"][0]["why"])
     assert svc.status()["waiting"] == [{"folder": str(lora), "why": "waiting for base tiny to be registered"}]
+    # `registry daemon status` says so, under the watch's line.
+    _print_daemon({"pid": 1, "hostname": "h", "phase": "running", "started_at": time.time(), "config": "c",
+                   "grace": 30.0, "pools": {}, "services": [svc.status()]})
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[-2] == (f"    watch:{drop}: not run yet; drop: 0 file event(s), 0 import(s) queued, 0 failed; "
+                         "1 folder(s) waiting")  # ticked here, not by the service's thread
+    assert shown[-1] == f"      {lora}: waiting for base tiny to be registered"
     assert import_jobs(reg) == []
     shutil.copytree(tiny_model, drop / "tiny")  # the base dropped after its adapter
     tick_until(svc, lambda: len(import_jobs(reg)) == 1)

@@ -1,6 +1,7 @@
 """Handler for `scrub` jobs: re-verify every blob at rest within a bandwidth budget (registry/scrub.py)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from registry.core import Registry
@@ -16,7 +17,7 @@ def handle(reg: Registry, params: dict[str, Any], reporter: JobReporter, job_id:
     recorded and repair jobs queued, and the job succeeds with what it found in its result."""
     bandwidth = params.get("bandwidth")
     if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float))
-                                  or bandwidth <= 0):
+                                  or not math.isfinite(bandwidth) or bandwidth <= 0):
         raise BadInput(f"scrub bandwidth {bandwidth!r} must be a positive number of bytes per second, or absent")
     result = scrub(reg, bandwidth, reporter, job_id)
     found = (f"; {len(result.corrupt)} damaged blob(s), {len(result.repairs_queued)} repair job(s) queued"

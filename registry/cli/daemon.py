@@ -64,11 +64,12 @@ def daemon(ctx: click.Context, config_file: str | None, workers: int | None, wat
         return daemon_config.load(daemon_config.config_path(home, config_file), overrides)
 
     config = daemon_config.load(path, overrides)  # ConfigErrors: every problem, exit 2, nothing started
+    from ..daemon.supervisor import check_services, run_daemon
+
+    check_services(holder.get(), config)  # allowed roots, trusted endpoints: also for --check, also exit 2
     if check:
         _print_check(config)
         return
-    from ..daemon.supervisor import run_daemon
-
     debug = bool(ctx.find_root().params.get("debug"))
     sys.exit(run_daemon(holder.get(), config, load, debug))
 
@@ -144,8 +145,10 @@ def _print_daemon(d: dict[str, Any]) -> None:
     for svc in services:
         ticked = f"last tick {_ago(svc['last_tick_at'])} ago" if svc.get("last_tick_at") else "not run yet"
         error = f"; error: {svc['last_error']}" if svc.get("last_error") else ""
-        summary = f"; {svc['summary']}" if svc.get("summary") else ""  # schedules: every, last run, next due
+        summary = f"; {svc['summary']}" if svc.get("summary") else ""  # e.g. schedules: every, last run, next due
         click.echo(f"    {svc.get('name')}: {ticked}{summary}{error}")
+        for waiting in svc.get("waiting") or []:  # a watch's folders not imported yet, and why
+            click.echo(f"      {waiting['folder']}: {waiting['why']}")
 
 
 def _job_text(job: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ POOL_KEYS = ("size", "jobs", "gpus", "lease", "poll")
 SCHEDULE_TABLES = ("scrub", "gc", "prune")
 DEFAULT_GRACE = 30.0
 DEFAULT_LEASE = 60.0
-DEFAULT_POLL = 1.0
+DEFAULT_POLL = 10.0  # idle workers are woken by NOTIFY / data_version and for retries (jobs.seconds_until_due); this bounds the rest
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -246,8 +246,14 @@ def _apply(overrides: Overrides, config: DaemonConfig, problems: list[str]) -> N
         owner = _section_module("watch", "--watch", problems)
         if owner is not None:
             found: list[str] = []
-            config.watches = [*config.watches, *owner.parse_watches([{"path": os.path.abspath(d)} for d in overrides.watch], found)]
-            problems.extend(p.replace("watch[", "--watch[", 1) for p in found)
+            extra = owner.parse_watches([{"path": os.path.abspath(d)} for d in overrides.watch], found)
+            problems.extend(p.replace("watch[", "--watch[") for p in found)
+            for w in extra:  # a folder the file watches too would have two watches (a drop and a training one)
+                for i, other in enumerate(config.watches):
+                    if owner.overlap(w.path, other.path):
+                        problems.append(f"--watch {w.path}: overlaps watch[{i}].path ({other.path}) of the config "
+                                        "file; watch each folder once")
+            config.watches = [*config.watches, *extra]
     if overrides.metrics is not None:
         config.metrics = parse_address(overrides.metrics, "--metrics", problems)
     if overrides.log_format is not None:

@@ -132,11 +132,14 @@ class DropSettings:
 def read_registry_json(folder: Path) -> DropSettings:
     """Parse and check a drop folder's registry.json; BadInput names the key and what it must be."""
     path = folder / REGISTRY_JSON
+    if path.is_symlink():  # the daemon reads it: a link could point it at any file on the host
+        raise BadInput(f"{REGISTRY_JSON} is a symlink; write it as a file in the folder")
     if not path.is_file():
         return DropSettings()
-    raw = path.read_bytes()
-    if len(raw) > MAX_REGISTRY_JSON:
-        raise BadInput(f"{REGISTRY_JSON} is {len(raw)} bytes; it holds only {', '.join(REGISTRY_JSON_KEYS)}")
+    size = path.stat().st_size
+    if size > MAX_REGISTRY_JSON:  # checked before reading: the daemon must not load a huge file into memory
+        raise BadInput(f"{REGISTRY_JSON} is {size} bytes; it holds only {', '.join(REGISTRY_JSON_KEYS)}")
+    raw = path.read_bytes()[:MAX_REGISTRY_JSON + 1]
     try:
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:

@@ -89,6 +89,10 @@ def _parse_follow(item: Any, where: str, problems: list[str]) -> FollowConfig | 
         parts = urlsplit(endpoint)
         if endpoint and (parts.scheme not in ("http", "https") or not parts.hostname):
             problems.append(f"{where}.endpoint: {endpoint!r} must be an http:// or https:// URL with a host")
+        elif parts.username is not None or parts.password is not None:
+            # It would be in job params, events, logs and `daemon status`: the credential goes in config.toml.
+            problems.append(f"{where}.endpoint: must not hold a user or password (user:password@); give the "
+                            "endpoint's token with token_file or token_env in its [[endpoints]] entry of config.toml")
         endpoint = endpoint.rstrip("/") or None
     kind = t.get("kind")
     if kind is not None and kind not in KINDS:
@@ -124,9 +128,12 @@ class FollowService(Service):
 
     def status(self) -> dict[str, Any]:
         f = self.follow
+        summary = f"{self.endpoint} every {self.interval:g}s" + (
+            f"; at commit {self.last_commit[:12]}" if self.last_commit else "") + (
+            f"; last pull: job {self.last_job_id}" if self.last_job_id else "")
         return {**super().status(), "kind": "follow", "repo": f.repo, "revision": f.revision,
                 "endpoint": self.endpoint, "last_commit": self.last_commit, "last_job_id": self.last_job_id,
-                "queued": self.queued}
+                "queued": self.queued, "summary": summary}
 
     def subject(self, commit: str) -> str:
         f = self.follow

@@ -2,6 +2,7 @@
 one-line message naming where it is (`watch[1].quiet_seconds: ...`) and what to write instead."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Iterable
 
@@ -52,6 +53,9 @@ def duration(value: Any, where: str, problems: list[str], minimum: float = 0.0) 
     if not match:
         problems.append(f"{where}: {value!r} is not a duration; write seconds or e.g. \"30s\", \"15m\", \"1h\", \"7d\"")
         return minimum
+    if not math.isfinite(seconds) or seconds > 10 * 365 * 86400:  # TOML allows nan and inf
+        problems.append(f"{where}: {value!r} must be a finite duration of at most 10 years")
+        return max(minimum, 1.0)
     if seconds < minimum or (minimum == 0 and seconds <= 0):
         problems.append(f"{where}: {value!r} must be more than {minimum:g} seconds")
         return max(minimum, 1.0)
@@ -61,7 +65,7 @@ def duration(value: Any, where: str, problems: list[str], minimum: float = 0.0) 
 def byte_rate(value: Any, where: str, problems: list[str]) -> float:
     """Bytes per second from a number or a string such as "200MB/s" or "1GiB/s"."""
     match = None if isinstance(value, bool) else _RATE.match(str(value))
-    if not match or float(match.group(1)) <= 0:
+    if not match or not 0 < float(match.group(1)) < 1e15:
         problems.append(f"{where}: {value!r} is not a positive rate; write bytes per second or e.g. \"200MB/s\"")
         return 1.0
     return float(match.group(1)) * _BYTES[(match.group(2) or "").lower() or None]

@@ -274,8 +274,11 @@ class PipelineService(Service):
         self.last_fired: dict[str, Any] | None = None
 
     def status(self) -> dict[str, Any]:
+        last = self.last_fired
+        summary = f"fired {self.fired} time(s)" + (
+            f"; last: {last['artifact']} -> job(s) {', '.join(map(str, last['jobs']))}" if last else "")
         return {**super().status(), "kind": "pipeline", "rule": self.rule.name, "fired": self.fired,
-                "last_fired": self.last_fired}
+                "last_fired": last, "summary": summary}
 
     def tick(self) -> None:
         if self.cursor is None:

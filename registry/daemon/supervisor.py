@@ -29,6 +29,7 @@ from ..errors import OperationFailed, RegistryError
 from ..schema import JOB_TYPES
 from . import logs, state
 from .config import DaemonConfig
+from .options import ConfigErrors
 from .pools import WorkerSlot, detect_gpus, pool_specs
 
 log = logging.getLogger("registry.daemon")
@@ -260,22 +261,8 @@ class Supervisor:
 
     # --- services and metrics -----------------------------------------------------------------------------
 
-    def _wanted_services(self, config: DaemonConfig) -> dict[tuple[str, str], Callable[[], list[Any]]]:
-        """Each configured item keyed by its kind and value, with the factory that makes its service(s): a
-        reload keeps the services of unchanged items running (their in-memory state, e.g. quiet timers)."""
-        wanted: dict[tuple[str, str], Callable[[], list[Any]]] = {}
-        for items, module, factory in ((config.watches, "watch", "watch_services"),
-                                       (config.follows, "follow", "follow_services"),
-                                       (config.pipelines, "pipelines", "pipeline_services")):
-            for item in items:
-                wanted[(module, repr(item))] = _factory(module, factory, self.reg, [item])
-        if config.schedules is not None:
-            wanted[("schedules", repr(config.schedules))] = _factory("schedules", "schedule_services", self.reg,
-                                                                     config.schedules)
-        return wanted
-
     def _apply_services(self, config: DaemonConfig, at_start: bool = False) -> None:
-        wanted = self._wanted_services(config)
+        wanted = wanted_services(self.reg, config)
         for key in [k for k in self.services if k not in wanted]:
             self._stop_services([key])
         for key, make in wanted.items():
@@ -340,6 +327,7 @@ class Supervisor:
         sd_notify("RELOADING=1")
         try:
             new = self._load_config()
+            check_services(self.reg, new)
         except RegistryError as exc:
             problems = getattr(exc, "problems", None) or [str(exc)]
             log.error("reload refused, the running config stays: %s", "; ".join(problems))
@@ -410,6 +398,35 @@ class Supervisor:
         pools = ", ".join(f"{name} x{len(slots)}" for name, slots in self.pools.items()) or "no pools"
         count = sum(len(made) for made, _, _ in self.services.values())
         return f"pools {pools}; {count} service(s)"
+
+
+def wanted_services(reg: Registry, config: DaemonConfig) -> dict[tuple[str, str], Callable[[], list[Any]]]:
+    """Each configured item keyed by its kind and value, with the factory that makes its service(s): a
+    reload keeps the services of unchanged items running (their in-memory state, e.g. quiet timers)."""
+    wanted: dict[tuple[str, str], Callable[[], list[Any]]] = {}
+    for items, module, factory in ((config.watches, "watch", "watch_services"),
+                                   (config.follows, "follow", "follow_services"),
+                                   (config.pipelines, "pipelines", "pipeline_services")):
+        for item in items:
+            wanted[(module, repr(item))] = _factory(module, factory, reg, [item])
+    if config.schedules is not None:
+        wanted[("schedules", repr(config.schedules))] = _factory("schedules", "schedule_services", reg,
+                                                                 config.schedules)
+    return wanted
+
+
+def check_services(reg: Registry, config: DaemonConfig) -> None:
+    """What only this host can tell about the config (a watch or calibration file outside the workers'
+    allowed_roots, a follow endpoint its worker config does not trust): every problem at once, as ConfigErrors,
+    before anything starts (and for --check, and before a reload is applied). Making a service starts nothing."""
+    problems: list[str] = []
+    for make in wanted_services(reg, config).values():
+        try:
+            make()
+        except ConfigErrors as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigErrors(problems, config.source)
 
 
 def _factory(module: str, name: str, reg: Registry, arg: Any) -> Callable[[], list[Any]]:

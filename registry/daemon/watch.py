@@ -129,9 +129,14 @@ def _check_overlaps(watches: list[WatchConfig], problems: list[str]) -> None:
     """A folder watched twice (the same path, or one inside another) would be imported twice."""
     for i, a in enumerate(watches):
         for j, b in enumerate(watches[:i]):
-            if a.path == b.path or a.path.is_relative_to(b.path) or b.path.is_relative_to(a.path):
+            if overlap(a.path, b.path):
                 problems.append(f"watch[{i}].path: {a.path} overlaps watch[{j}].path ({b.path}); "
                                 "watch each folder once")
+
+
+def overlap(a: Path, b: Path) -> bool:
+    """The same folder, or one inside the other."""
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def watch_services(reg: Any, watches: list[WatchConfig]) -> list[Service]:
@@ -491,7 +496,18 @@ class WatchService(Service):
                   "failures": self.failures, "pauses": self.pauses}
         return {**super().status(), "kind": "watch", "path": str(self.config.path), "mode": self.config.mode,
                 **counts, "counts": counts, "paused": self.paused_reason is not None,
-                "paused_reason": self.paused_reason, "waiting": waiting, "observer": self._observer is not None}
+                "paused_reason": self.paused_reason, "waiting": waiting, "observer": self._observer is not None,
+                "summary": self.summary()}
+
+    def summary(self) -> str:
+        """One line for `registry daemon status` (which lists the waiting folders under it)."""
+        parts = [f"{self.config.mode}: {self.events_seen} file event(s), {self.folders_queued} import(s) queued, "
+                 f"{self.failures} failed"]
+        if self.paused_reason is not None:
+            parts.append(f"paused: {self.paused_reason}")
+        if self.pending:
+            parts.append(f"{len(self.pending)} folder(s) waiting")
+        return "; ".join(parts)
 
 
 def is_disk_full(error: str | None) -> bool:
