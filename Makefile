@@ -8,7 +8,7 @@ DEMO_HOME ?= demo-home
 
 OLAH_VENV ?= .olah-venv
 
-.PHONY: venv test demo bench-verify bench-pull bench-merge bench-quantize bench-startup clean services test-deps
+.PHONY: venv test demo bench-verify bench-pull bench-merge bench-quantize bench-startup bench-daemon clean services test-deps
 
 $(BIN)/registry: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ bench-quantize: venv
 
 bench-startup: venv
 	$(BIN)/python bench/startup.py
+
+# Idle CPU, job pickup latency and 1,000 jobs through `registry daemon --workers 4`, on SQLite and PostgreSQL.
+bench-daemon: venv services
+	$(BIN)/python bench/daemon.py
 
 clean:
 	rm -rf $(VENV) $(OLAH_VENV) $(DEMO_HOME) demo-model demo-export bench/out

@@ -318,10 +318,12 @@ def _claim_and_run(reg, owner, lease_seconds, poll_seconds, once, types, signals
         with reg.session() as s:
             job = jobs.claim(s, owner, lease_seconds, types)
             job_id = job.id if job else None
+            due = None if job or once else jobs.seconds_until_due(s, types)
         if job_id is None:
             if once:
                 break
-            waiter.wait(poll_seconds, signals.stopping)
+            # A new job wakes the waiter; a retry after its backoff or an expired lease does not, so wake for it.
+            waiter.wait(poll_seconds if due is None else min(poll_seconds, due + 0.05), signals.stopping)
             continue
         if signals.stopping.is_set():  # a signal came while claiming: do not start it
             with reg.session() as s:

@@ -90,7 +90,7 @@ def worker(once: bool, lease: float, poll: float, grace: float, types: tuple[str
     """Run one worker: claim queued jobs and run them until stopped.
 
     An idle worker wakes when a job is queued (PostgreSQL NOTIFY; on SQLite it notices the database change
-    within 0.1 s), so --poll only bounds how late a retry after its backoff starts. `registry daemon` runs
+    within 0.2 s), so --poll only bounds how late a retry after its backoff starts. `registry daemon` runs
     pools of these.
 
     SIGTERM or Ctrl-C stops claiming and lets the current job finish (up to --grace seconds); a second one,
