@@ -21,7 +21,7 @@ from registry.db import get_engine, is_sqlite
 log = logging.getLogger("registry.worker")
 SQLITE_LOOK_SECONDS = 0.2  # 4 idle workers asking 5 times a second cost about 0.2% of a core
 # PostgreSQL: how often a waiting worker checks whether it was told to stop (a signal sets the event).
-STOP_CHECK_SECONDS = 0.5
+STOP_CHECK_SECONDS = 1.0
 
 
 class JobWaiter:
