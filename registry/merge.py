@@ -3,6 +3,9 @@
 Each output shard keeps the input shard's tensors, order and (when the dtype is unchanged) its exact header;
 untouched tensors are copied byte for byte, targeted ones are merged one at a time. Output goes straight
 into the store through the hash-on-write writer, so peak memory is about one tensor plus the adapter.
+
+torch (and lora.py and st.py, which import it) are imported only after the request passed every check the
+catalog alone can decide (check_request): importing torch takes seconds, and a refusal should not.
 """
 from __future__ import annotations
 
@@ -10,19 +13,22 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .catalog import (Registered, check_new_name, load, merged_name, register_artifact, require_usable, trained_on,
                       wanted_base)
 from .core import Registry
 from .errors import BadInput, Conflict, OperationFailed
-from .lora import AdapterPlan, load_adapter_tensors, merge_weight, merged_shape, plan_adapter
 from .models import Artifact
 from .progress import NullReporter, Reporter
-from .st import ST_TO_TORCH, SafetensorsFile
 from .store import CHUNK, Ingested
+
+if TYPE_CHECKING:
+    import torch
+    from sqlalchemy.orm import Session
+
+    from .lora import AdapterPlan
+    from .st import SafetensorsFile
 
 DTYPE_CHOICES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -53,8 +59,26 @@ def _check_pair(base: Artifact, adapter: Artifact, trained_on_base: bool, force:
                        f"if they are the same model (or link them: registry link {adapter.name} {base.name})")
 
 
+def check_request(session: Session, base_ref: str | int, adapter_ref: str | int, name: str | None, dtype: str,
+                  force: bool) -> tuple[Artifact, Artifact, str]:
+    """Refuse a merge the catalog alone can refuse, without importing torch: an unknown dtype or ref, a corrupt
+    input, the wrong kinds, an adapter trained on another base, a name that is a tag, a base with no
+    safetensors weights. Returns the base, the adapter and the result's name."""
+    if dtype not in DTYPE_CHOICES:
+        raise BadInput(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPE_CHOICES)}")
+    base, adapter = require_usable(load(session, base_ref)), require_usable(load(session, adapter_ref))
+    _check_pair(base, adapter, trained_on(session, base, adapter), force)  # the base lookup generate uses
+    name = name or merged_name(adapter.name)
+    check_new_name(session, name)  # a tag: refused now, not after the merge (registration checks again)
+    if not any(f.path.endswith(".safetensors") for f in base.files):
+        raise BadInput(f"{base.name} has no safetensors weights to merge into")
+    return base, adapter, name
+
+
 def _check_fit(plan: AdapterPlan, shards: list[SafetensorsFile]) -> None:
     """Every targeted tensor exists in the base with the shape the adapter produces (never skipped by --force)."""
+    from .lora import merged_shape
+
     where = {name: info for s in shards for name, info in s.tensors()}
     for target, mod in plan.modules.items():
         if target not in where:
@@ -75,11 +99,17 @@ def _check_fit(plan: AdapterPlan, shards: list[SafetensorsFile]) -> None:
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
 def _out_header(shard: SafetensorsFile, out_dtype: str | None) -> tuple[bytes, dict[str, str]]:
     """The output header: the input's own bytes when no dtype changes, else new offsets (8-byte aligned)."""
+    import torch
+
+    from .st import ST_TO_TORCH
+
     dtypes = {n: (out_dtype if out_dtype and i["dtype"] in FLOATS else i["dtype"]) for n, i in shard.tensors()}
     if all(dtypes[n] == i["dtype"] for n, i in shard.tensors()):
         return shard.header_bytes, dtypes
@@ -118,6 +148,11 @@ def _write_shard(reg: Registry, shard: SafetensorsFile, plan: AdapterPlan, out_d
 
 def _new_tensor(shard: SafetensorsFile, name: str, plan: AdapterPlan, dtype: str,
                 stats: dict[str, int]) -> torch.Tensor:
+    import torch
+
+    from .lora import merge_weight
+    from .st import ST_TO_TORCH
+
     base = shard.read(name).to(ST_TO_TORCH[dtype])
     if name in plan.replacements:
         stats["replaced"] += 1
@@ -155,26 +190,22 @@ def merge(reg: Registry, base_ref: str | int, adapter_ref: str | int, name: str 
           reporter: Reporter | None = None, job_id: int | None = None) -> MergeResult:
     """Merge ADAPTER into BASE (refs, or artifact ids as jobs carry them) and register the result as a `merged`
     artifact with lineage to exactly those two artifacts."""
-    from .merge_meta import check_logits, merge_metadata
-
     reporter = reporter or NullReporter()
-    if dtype not in DTYPE_CHOICES:
-        raise BadInput(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPE_CHOICES)}")
-    out_dtype = DTYPE_CHOICES[dtype]
     with reg.session() as s:
-        base, adapter = require_usable(load(s, base_ref)), require_usable(load(s, adapter_ref))
-        _check_pair(base, adapter, trained_on(s, base, adapter), force)  # the base lookup generate uses
-        name = name or merged_name(adapter.name)
-        check_new_name(s, name)  # a tag: refused now, not after the merge (registration checks again)
+        base, adapter, name = check_request(s, base_ref, adapter_ref, name, dtype, force)
         base_files = {f.path: (f.sha256, f.size) for f in base.files}
         adapter_files = {f.path: reg.store.path(f.sha256) for f in adapter.files}
         base_id, adapter_id, base_meta = base.id, adapter.id, dict(base.meta)
         base_name, adapter_name, base_digest, adapter_digest = base.name, adapter.name, base.digest, adapter.digest
-    config = adapter.meta.get("peft_config") or {}
+        config = adapter.meta.get("peft_config") or {}
+    out_dtype = DTYPE_CHOICES[dtype]
+    # What only the adapter's tensors can tell (its method, keys and shapes) needs torch from here on.
+    from .lora import load_adapter_tensors, plan_adapter
+    from .merge_meta import check_logits, merge_metadata
+    from .st import SafetensorsFile
+
     plan = plan_adapter(config, load_adapter_tensors(adapter_files, allow_pickle))
     shard_rels = sorted(p for p in base_files if p.endswith(".safetensors"))
-    if not shard_rels:
-        raise BadInput(f"{base_name} has no safetensors weights to merge into")
     shards = [SafetensorsFile(reg.store.path(base_files[rel][0]), rel) for rel in shard_rels]
     _check_fit(plan, shards)
     reporter.start(sum(base_files[r][1] for r in shard_rels), "B", f"merging {adapter_name}")

@@ -210,3 +210,28 @@ def hubp(hub, home, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(home.parent / "hf-home"))  # no login store from this machine
     return hub
+
+
+# GPTQModel packs quantized weights with a C++ extension that it compiles on first use (about 35 s on a 2-core
+# machine, once per machine: every CI run), unless told to use its Python code, which writes the same bytes
+# (the same digest); the tiny test models pack in milliseconds either way.
+os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
+
+
+# -- test setup by library calls in this process, where the command itself is not what a test checks (import and
+# tag as commands: test_catalog, test_lineage, test_bad_input, ...). Each saves starting a CLI process (about a
+# second with its job); they use the test's REGISTRY_HOME and REGISTRY_DATABASE_URL, and record no job.
+
+def import_here(folder, name: str, **kw) -> dict:
+    """What `registry import FOLDER --name NAME --json` registers (kw: base, kind, link, ...)."""
+    from registry.importer import import_folder
+
+    return import_folder(Registry(), folder, name, **kw).to_dict()
+
+
+def tag_here(ref: str, tag: str) -> None:
+    """What `registry tag REF TAG` does."""
+    from registry.catalog import set_tag
+
+    with Registry().session() as s:
+        set_tag(s, ref, tag)

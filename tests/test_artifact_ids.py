@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import blob_files, cli_json, run_cli
+from conftest import blob_files, cli_json, import_here, run_cli
 from test_lineage import make_adapter
 
 
@@ -26,12 +27,12 @@ def _corrupt_blob(home, sha: str) -> None:
 
 
 def test_same_digest_twice_verify_checks_the_named_one_and_marks_every_holder(db_url, tiny_model, tmp_path):
-    a = cli_json("import", str(tiny_model), "--name", "tiny")
-    b = cli_json("import", str(tiny_model), "--name", "tiny2")
+    a = import_here(tiny_model, "tiny")
+    b = import_here(tiny_model, "tiny2")
     other = tmp_path / "other"
     other.mkdir()
     (other / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes())
-    cli_json("import", str(other), "--name", "weights-only")  # shares only the weights, not config.json
+    import_here(other, "weights-only")  # shares only the weights, not config.json
     assert a["digest"] == b["digest"]
     sha = {f["path"]: f["sha256"] for f in cli_json("show", "tiny2")["file_list"]}["config.json"]
     _corrupt_blob(_home(), sha)
@@ -53,8 +54,8 @@ def _home() -> Path:
 
 
 def test_digest_prefix_of_two_artifacts_is_ambiguous(db_url, tiny_model):
-    out = cli_json("import", str(tiny_model), "--name", "tiny2")
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    out = import_here(tiny_model, "tiny2")
+    import_here(tiny_model, "tiny")
     err = _error(run_cli("show", out["digest"][:16], check=2))
     assert "matches 2 artifacts (tiny, tiny2)" in err and "name one of them" in err
     run_cli("manifest", out["digest"], check=2)
@@ -63,11 +64,11 @@ def test_digest_prefix_of_two_artifacts_is_ambiguous(db_url, tiny_model):
 
 
 def test_merge_links_lineage_to_the_artifacts_named(db_url, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("import", str(tiny_model), "--name", "tiny2")
+    import_here(tiny_model, "tiny")
+    import_here(tiny_model, "tiny2")
     adapter = make_adapter(tmp_path / "lora", "tiny2")
-    run_cli("import", str(adapter), "--name", "lora", "--base", "tiny2")
-    run_cli("import", str(adapter), "--name", "lora-copy", "--base", "tiny2")
+    import_here(adapter, "lora", base="tiny2")
+    import_here(adapter, "lora-copy", base="tiny2")
     out = cli_json("merge", "tiny2", "lora-copy")
     assert out["name"] == "lora-copy-merged"
     parents = cli_json("show", "lora-copy-merged")["lineage"]["parents"]
@@ -99,23 +100,32 @@ def _mark(db_url: str, name: str, status: str) -> None:
 
 
 def test_corrupt_and_incomplete_artifacts_are_refused(db_url, tiny_model, tmp_path):
+    from registry import Registry
+    from registry.errors import OperationFailed
+    from registry.generate import generate
+
     home = _home()
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("import", str(make_adapter(tmp_path / "lora", "tiny")), "--name", "lora")
+    import_here(tiny_model, "tiny")
+    import_here(make_adapter(tmp_path / "lora", "tiny"), "lora")
     sha = {f["path"]: f["sha256"] for f in cli_json("show", "tiny")["file_list"]}["model.safetensors"]
     _corrupt_blob(home, sha)
     run_cli("verify", "tiny", check=1)
     blobs_before, jobs_before = blob_files(home), len(cli_json("jobs"))
     advice = "run `registry verify tiny` to see which, then `registry repair tiny`"
     for args in (["export", "tiny", str(tmp_path / "out")], ["path", "tiny"], ["merge", "tiny", "lora"],
-                 ["quantize", "tiny", "--no-eval"], ["generate", "tiny", "--prompt", "hi", "--max-new-tokens", "2"]):
+                 ["quantize", "tiny", "--no-eval"]):
         err = _error(run_cli(*args, check=1))
         assert "tiny is corrupt (registry verify found damaged or missing files)" in err and advice in err, args
+    # generate as a library call: the command imports transformers before it looks at the ref (seconds).
+    with pytest.raises(OperationFailed) as refused:
+        next(generate(Registry(), "tiny", "hi", max_new_tokens=2))
+    assert "tiny is corrupt (registry verify found damaged or missing files)" in str(refused.value)
+    assert advice in str(refused.value)
     assert not (tmp_path / "out").exists() and not list(home.glob("snapshots/*"))
     assert blob_files(home) == blobs_before and len(cli_json("jobs")) == jobs_before
     assert [a["name"] for a in cli_json("list")] == ["lora", "tiny"]
     # An adapter input is checked too, and `incomplete` (files never stored) is refused the same way.
-    run_cli("import", str(tiny_model), "--name", "good")
+    import_here(tiny_model, "good")
     _mark(db_url, "lora", "incomplete")
     err = _error(run_cli("merge", "good", "lora", "--force", check=1))
     assert "lora is incomplete" in err and "`registry repair lora`" in err
@@ -123,9 +133,11 @@ def test_corrupt_and_incomplete_artifacts_are_refused(db_url, tiny_model, tmp_pa
     assert "lora is incomplete" in err and not (tmp_path / "out2").exists()
 
 
-def test_quantize_links_lineage_to_the_artifact_named(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("import", str(tiny_model), "--name", "tiny2")
+# Quantize's catalog side on both backends (a quick quantization: small calibration, no evaluation); the full
+# run with the defaults, its files, evaluation and generation: test_quantize.py, on SQLite.
+def test_quantize_links_lineage_to_the_artifact_named(db_url, tiny_model):
+    import_here(tiny_model, "tiny")
+    import_here(tiny_model, "tiny2")
     out = cli_json("quantize", "tiny2", "--no-eval", "--group-size", "32", "--samples", "8", "--seq-len", "32")
     assert out["name"] == "tiny2-gptq-int4"
     shown = cli_json("show", "tiny2-gptq-int4")

@@ -23,6 +23,19 @@ def _nothing_registered(home) -> None:
     assert blob_files(home) == []
 
 
+def _refused_by_import(reg, folder, name: str = "x") -> str:
+    """The error of the library call an import job makes: BadInput (exit 2, never retried), one line. Tests
+    of many cases of one rule use it, and run one case as the command."""
+    from registry.errors import BadInput
+    from registry.importer import import_folder
+
+    with pytest.raises(BadInput) as refused:
+        import_folder(reg, folder, name)
+    err = str(refused.value)
+    assert "\n" not in err, err
+    return err
+
+
 def test_missing_folder(home, tmp_path):
     err = _one_line_error(run_cli("import", str(tmp_path / "nope"), "--name", "x", check=2))
     assert "does not exist" in err
@@ -59,11 +72,16 @@ def test_symlink_inside_folder_is_followed(home, tiny_model):
     assert out["files"] == 6 and len(blob_files(home)) == 5
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/../b", "..", "has space", "sha256:abcdef12", ""])
-def test_bad_names(home, tiny_model, name):
-    err = _one_line_error(run_cli("import", str(tiny_model), "--name", name, check=2))
-    assert "invalid name" in err or "usage" in err
+def test_bad_name_as_a_command(home, tiny_model):
+    err = _one_line_error(run_cli("import", str(tiny_model), "--name", "../escape", check=2))
+    assert err.startswith("error: invalid name '../escape'")
     _nothing_registered(home)
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../b", "..", "has space", "sha256:abcdef12", ""])
+def test_bad_names(reg, tiny_model, name):
+    assert _refused_by_import(reg, tiny_model, name).startswith(f"invalid name {name!r}")
+    _nothing_registered(reg.home)
 
 
 def test_bad_tag_name(home, tiny_model):
@@ -123,15 +141,16 @@ def test_locked_database_waits_then_says_so(home, reg, tiny_model):
     ("offsets past end", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8, None, "past the end"),
     ("size mismatch", {"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 16]}}, 16, None, "has 16 bytes"),
 ])
-def test_invalid_safetensors_refused(home, tiny_model, case, header, data_len, length, message):
+def test_invalid_safetensors_refused(reg, tiny_model, case, header, data_len, length, message):
+    # A refused header as a command: test_string_offsets_refused_once_on_both_databases.
     bad = tiny_model / "model.safetensors"
     if header is None:
         bad.write_bytes(len(b"{not json").to_bytes(8, "little") + b"{not json" + b"\0" * data_len)
     else:
         write_safetensors_header(bad, header, data_len, length)
-    err = _one_line_error(run_cli("import", str(tiny_model), "--name", "x", check=2))
+    err = _refused_by_import(reg, tiny_model)
     assert "model.safetensors" in err and message in err
-    _nothing_registered(home)
+    _nothing_registered(reg.home)
 
 
 def test_pickle_weights_recorded_but_flagged_unsafe(home, tiny_model):
@@ -245,16 +264,16 @@ def _loader_accepts(path) -> bool:
         return False
 
 
+# Each of the loader's rules through the library call the import job makes (BadInput: exit 2, never retried);
+# a refused header as a command (one line, exit 2, one failed attempt) on both backends is the next test.
 @pytest.mark.parametrize("case, header, data_len, message", LOADER_REJECTS, ids=[c[0] for c in LOADER_REJECTS])
-def test_header_the_loader_rejects_is_refused_once(home, tiny_model, case, header, data_len, message):
+def test_header_the_loader_rejects_is_refused_once(reg, tiny_model, case, header, data_len, message):
     bad = tiny_model / "model.safetensors"
     _write_header(bad, header, data_len)
     assert not _loader_accepts(bad), "the case must be one the safetensors loader itself rejects"
-    err = _one_line_error(run_cli("import", str(tiny_model), "--name", "x", check=2))
-    assert err.startswith("error: model.safetensors: invalid safetensors header (") and message in err, err
-    _nothing_registered(home)
-    (job,) = cli_json("jobs")
-    assert job["state"] == "failed" and job["attempts"] == 1 and job["exit_code"] == 2  # not retried
+    err = _refused_by_import(reg, tiny_model)
+    assert err.startswith("model.safetensors: invalid safetensors header (") and message in err, err
+    _nothing_registered(reg.home)
 
 
 @pytest.mark.parametrize("case, header, data_len", LOADER_ACCEPTS, ids=[c[0] for c in LOADER_ACCEPTS])
@@ -324,15 +343,21 @@ def test_unreadable_input_refused_once(db_url, tiny_model, what):
     assert cli_json("list") == []
 
 
+def test_control_character_in_a_file_name_refused_by_the_command(home, tiny_model):
+    (tiny_model / "notes\n.txt").write_text("x")
+    err = _one_line_error(run_cli("import", str(tiny_model), "--name", "x", check=2))
+    assert "refusing file name 'notes\\n.txt': it contains a control character" in err
+    _nothing_registered(home)
+
+
 @pytest.mark.parametrize("name", ["notes\n.txt", "ansi\x1b[31m.txt", "tab\there.txt", "bell\x07", "del\x7f",
                                   "line\u2028sep.txt", "sub\ndir/notes.txt"])
-def test_control_characters_in_file_names_refused(home, tiny_model, name):
+def test_control_characters_in_file_names_refused(reg, tiny_model, name):
     (tiny_model / name).parent.mkdir(exist_ok=True)
     (tiny_model / name).write_text("x")
-    err = _one_line_error(run_cli("import", str(tiny_model), "--name", "x", check=2))
     shown = name.split("/")[0]  # a folder's own name is refused before the files in it
-    assert f"refusing file name {shown!r}: it contains a control character" in err
-    _nothing_registered(home)
+    assert f"refusing file name {shown!r}: it contains a control character" in _refused_by_import(reg, tiny_model)
+    _nothing_registered(reg.home)
 
 
 def test_file_name_that_is_not_utf8_refused(home, tiny_model):

@@ -1,4 +1,7 @@
-"""The main path through the CLI: import, list, show, verify, export, tag, rm, gc."""
+"""The main path through the CLI: import, list, show, verify, export, tag, rm, gc.
+
+A test of another command registers its model by a library call (import_here): `registry import` is tested
+here, in test_lineage and test_bad_input."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import blob_files, cli_json, run_cli
+from conftest import blob_files, cli_json, import_here, run_cli
 
 
 def test_import_list_show_verify(home, tiny_model):
@@ -36,14 +39,14 @@ def test_import_list_show_verify(home, tiny_model):
 
 
 def test_list_filters_by_kind_and_human_output(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     assert cli_json("list", "--kind", "adapter") == []
     assert "tiny" in run_cli("list").stdout
     assert "no artifacts" in run_cli("list", "--kind", "merged").stdout
 
 
 def test_flipped_byte_fails_verify_and_marks_corrupt(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     sha = {f["path"]: f["sha256"] for f in cli_json("show", "tiny")["file_list"]}["model.safetensors"]
     blob = home / "blobs" / "sha256" / sha[:2] / sha
     os.chmod(blob, 0o644)
@@ -64,7 +67,7 @@ def test_flipped_byte_fails_verify_and_marks_corrupt(home, tiny_model):
 
 
 def test_deleted_blob_is_missing(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     sha = {f["path"]: f["sha256"] for f in cli_json("show", "tiny")["file_list"]}["tokenizer.json"]
     (home / "blobs" / "sha256" / sha[:2] / sha).unlink()
     proc = run_cli("verify", "tiny", check=1)
@@ -75,7 +78,7 @@ def test_deleted_blob_is_missing(home, tiny_model):
 
 
 def test_repaired_artifact_becomes_ready_again(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     sha = {f["path"]: f["sha256"] for f in cli_json("show", "tiny")["file_list"]}["config.json"]
     blob = home / "blobs" / "sha256" / sha[:2] / sha
     saved = blob.read_bytes()
@@ -87,7 +90,7 @@ def test_repaired_artifact_becomes_ready_again(home, tiny_model):
 
 
 def test_quick_verify_reads_no_bytes_and_notices_changes(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     out = run_cli("verify", "--quick", "tiny").stdout
     assert "stat stamps only, bytes not read" in out
     report = cli_json("verify", "--quick", "tiny")
@@ -127,7 +130,7 @@ def test_export_loads_with_transformers_and_passes_sha256sum(home, tiny_model, t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     dest = tmp_path / "export"
     assert run_cli("export", "tiny", str(dest)).stdout.strip() == str(dest)
     sums = run_cli("manifest", "tiny", "--format", "sha256sum").stdout
@@ -158,7 +161,7 @@ def _run_unprivileged(*command: str) -> subprocess.CompletedProcess:
 def test_path_gives_stable_read_only_snapshot(home, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     first = run_cli("path", "tiny").stdout.strip()
     assert run_cli("path", "tiny").stdout.strip() == first
     config = os.path.join(first, "config.json")
@@ -172,7 +175,7 @@ def test_path_gives_stable_read_only_snapshot(home, tiny_model):
 
 
 def test_export_refuses_non_empty_folder(home, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     dest = tmp_path / "busy"
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
@@ -210,7 +213,7 @@ def test_tag_moves_and_resolves(home, tiny_model, tmp_path):
 
 
 def test_rm_then_gc_frees_bytes(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     run_cli("path", "tiny")
     total = sum(p.stat().st_size for p in tiny_model.iterdir())
     assert "would free" in run_cli("gc", "--dry-run").stdout
@@ -230,7 +233,7 @@ def test_rm_then_gc_frees_bytes(home, tiny_model):
 
 
 def test_gc_removes_stale_temp_files(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     stale = home / "tmp" / "ingest-crashed"
     stale.write_bytes(b"x" * 1000)
     os.utime(stale, (os.path.getmtime(stale) - 600,) * 2)  # gc leaves temp files of the last 2 minutes alone

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import pytest
 
-from conftest import cli_json, run_cli
+from conftest import cli_json, import_here, run_cli
 from test_lineage import make_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_postgresql_refusing_the_login_says_to_check_the_url(home):
 # --- obvious bad input to commands that touch the catalog: one line, documented code (both backends) ---
 
 def test_bad_input_to_commands_is_one_line(db_url, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     (tmp_path / "a-file").write_text("x")
     line = _one_error_line(run_cli("export", "tiny", str(tmp_path / "a-file" / "out"), check=2))
     assert "cannot create" in line and "a parent is not a folder" in line
@@ -212,10 +212,10 @@ PEFT_CONFIG = {  # as peft writes it: many unset fields, long module lists
 
 
 def test_show_prints_peft_config_as_indented_lines(db_url, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     adapter = make_adapter(tmp_path / "lora", "tiny")
     (adapter / "adapter_config.json").write_text(json.dumps(PEFT_CONFIG))
-    run_cli("import", str(adapter), "--name", "lora")
+    import_here(adapter, "lora")
     out = run_cli("show", "lora").stdout.splitlines()
     assert max(len(line) for line in out) <= 100, max(out, key=len)
     i = out.index("peft_config:")
@@ -237,7 +237,7 @@ def test_make_demo_manifest_check_works_with_absolute_paths(home, tiny_model, tm
                           f"DEMO_HOME={home}"], capture_output=True, text=True, check=True).stdout
     line = next(x for x in dry.splitlines() if x.startswith("cd demo-export"))
     # What the demo's earlier lines leave behind, made here without building a model or loading transformers.
-    run_cli("import", str(tiny_model), "--name", "tiny-llama")
+    import_here(tiny_model, "tiny-llama")
     run_cli("export", "tiny-llama", str(tmp_path / "demo-export"))
     proc = subprocess.run(["bash", "-c", f"set -o pipefail; {line}"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import JSON, bindparam, create_engine, text
 
-from conftest import cli_json, run_cli
+from conftest import cli_json, import_here, run_cli
 from test_lineage import make_adapter
 
 
@@ -49,18 +49,23 @@ def test_digest_is_the_content_and_provenance_is_separate(home, tiny_model, tmp_
 
 
 def test_merge_with_and_without_check_has_one_digest(db_url, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("import", str(make_adapter(tmp_path / "lora", "tiny")), "--name", "lora")
+    from registry import Registry
+    from registry.merge import merge
+
+    import_here(tiny_model, "tiny")
+    import_here(make_adapter(tmp_path / "lora", "tiny"), "lora")
     plain = cli_json("merge", "tiny", "lora", "--name", "m")
-    checked = cli_json("merge", "tiny", "lora", "--name", "m-checked", "--check")
-    assert checked["digest"] == plain["digest"]
+    # --check as library calls in this process, where peft is loaded once: as a command each loads it again
+    # (seconds); `merge --check` as a command is test_merge.py::test_merge_check_and_dtype.
+    checked = merge(Registry(), "tiny", "lora", name="m-checked", check=True)
+    assert checked.digest == plain["digest"]
     assert "check" not in cli_json("show", "m")["provenance"]["merge"]
     assert cli_json("show", "m-checked")["provenance"]["merge"]["check"]["max_logit_diff"] < 1e-3
     # The same name and digest again (now with --check) is a no-op: the first provenance is kept, and this
     # run's is in the result.
-    again = cli_json("merge", "tiny", "lora", "--name", "m", "--check")
-    assert again["created"] is False and again["digest"] == plain["digest"]
-    assert "check" in again["provenance"]["merge"]
+    again = merge(Registry(), "tiny", "lora", name="m", check=True)
+    assert again.created is False and again.digest == plain["digest"]
+    assert "check" in again.provenance["merge"]
     assert "check" not in cli_json("show", "m")["provenance"]["merge"]
     text_out = run_cli("show", "m-checked").stdout
     assert "merge:           r 4, alpha 8" in text_out and "merge check:" in text_out

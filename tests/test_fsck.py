@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from conftest import PG_ADMIN_URL, blob_files, cli_json, run_cli
+from conftest import PG_ADMIN_URL, blob_files, cli_json, import_here, run_cli, tag_here
 from test_lineage import make_adapter
 
 
@@ -33,13 +33,16 @@ def _error(proc) -> str:
 
 def test_lost_catalog_is_refused_then_rebuilt_from_the_store(db_url, tiny_model, tmp_path):
     home = Path(os.environ["REGISTRY_HOME"])
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("import", str(make_adapter(tmp_path / "lora", "tiny")), "--name", "lora")
-    run_cli("import", str(make_adapter(tmp_path / "gone", "tiny")), "--name", "gone")
-    run_cli("tag", "tiny", "tiny:prod")
-    run_cli("tag", "lora", "lora:v1")
-    run_cli("tag", "gone", "gone:v1")
+    from registry.db import dispose_all
+
+    import_here(tiny_model, "tiny")
+    run_cli("import", str(make_adapter(tmp_path / "lora", "tiny")), "--name", "lora")  # a job: its provenance
+    import_here(make_adapter(tmp_path / "gone", "tiny"), "gone")
+    tag_here("tiny", "tiny:prod")
+    tag_here("lora", "lora:v1")
+    tag_here("gone", "gone:v1")
     run_cli("rm", "gone")  # removed before the loss: must not come back
+    dispose_all()  # this process's pooled connections must not hold the SQLite file we are about to lose
     before = {a["name"]: a for a in cli_json("list")}
     assert cli_json("fsck")["ok"] is True
     blobs = blob_files(home)
@@ -73,8 +76,8 @@ def test_lost_catalog_is_refused_then_rebuilt_from_the_store(db_url, tiny_model,
 
 
 def test_fsck_reports_missing_blobs_and_records(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("tag", "tiny", "tiny:prod")
+    import_here(tiny_model, "tiny")
+    tag_here("tiny", "tiny:prod")
     shutil.rmtree(home / "records")  # a catalog from before records were kept
     proc = run_cli("fsck", check=1)
     assert "NO RECORD       tiny" in proc.stdout and "TAG DIFFERS     tiny:prod" in proc.stdout

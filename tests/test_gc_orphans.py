@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import delete
 
-from conftest import _random_safetensors, blob_files, cli_json, run_cli
+from conftest import _random_safetensors, blob_files, cli_json, import_here, run_cli
 
 
 def _names(home: Path) -> set[str]:
@@ -22,7 +22,7 @@ def test_failed_import_is_freed_at_once_unless_a_running_writer_pins_it(db_url, 
     from registry.gclock import release_pins
 
     home = Path(os.environ["REGISTRY_HOME"])
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     other = shutil.copytree(tiny_model, tmp_path / "other")
     (other / "generation_config.json").write_text('{"max_length": 7}')
     orphan = hashlib.sha256(b'{"max_length": 7}').hexdigest()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from conftest import REGISTRY_BIN, _random_safetensors, blob_files, cli_json, run_cli
+from conftest import REGISTRY_BIN, _random_safetensors, blob_files, cli_json, import_here, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +95,14 @@ def test_gc_frees_at_once_the_pins_of_a_process_gone_from_this_host(db_url, tmp_
     assert sorted(sha for sha, _ in _pins()) == sorted([running, remote])
 
 
-def test_unexpected_error_in_a_foreground_job_says_how_to_see_the_traceback(db_url, tmp_path):
-    home = Path(os.environ["REGISTRY_HOME"])
+# On SQLite: the three attempts wait out two backoffs (2 s, 4 s); retrying with backoff on both backends is
+# test_jobs.py::test_fail_retries_with_backoff_then_gives_up.
+def test_unexpected_error_in_a_foreground_job_says_how_to_see_the_traceback(home, tmp_path):
     folder = tmp_path / "small"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(_random_safetensors(5, 1))
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    run_cli("import", str(folder), "--name", "small")
+    import_here(folder, "small")
     # A store the registry does not expect: a blob file replaced by a symlink to itself (os.stat: ELOOP).
     blob = next(p for p in blob_files(home) if p.stat().st_size == len('{"model_type": "llama"}'))
     blob.unlink()

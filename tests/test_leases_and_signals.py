@@ -7,13 +7,14 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from sqlalchemy import select
 
-from conftest import REGISTRY_BIN, cli_json, run_cli
-from test_jobs import _sparse_model
+from conftest import REGISTRY_BIN, cli_json, import_here, run_cli
 from registry import Registry, jobs
 from registry.errors import JobCancelled, LeaseLost
 from registry.models import Artifact, Job
@@ -162,55 +163,68 @@ def test_a_long_read_does_not_block_heartbeats_on_sqlite(home, monkeypatch):
 
 # Item 9 ------------------------------------------------------------------------------------------------------
 
-# Sparse: no disk, but hashing 8 GiB of zeros keeps the job running for seconds, long enough to signal it.
-def _queue_big_verify(tmp_path, size=8 * 1024 ** 3) -> int:
-    model = _sparse_model(tmp_path / "big", size)
-    run_cli("import", str(model), "--name", "big", "--link")
-    return cli_json("verify", "big", "--detach")["job"]
+# A pull stalled on the hub (the proxy sends the first 64 KiB of the weights, then nothing until it is
+# released): a job that runs for exactly as long as the test needs, at no CPU cost, and that finishes within a
+# second once released. (It was a verify of 8 GiB of sparse zeros: some 20 s of hashing, twice, per test.)
+def _queue_stalled_pull(hub) -> int:
+    hub.proxy.faults["model.safetensors"] = "stall"
+    return cli_json("pull", "acme/big", "--detach")["job"]
 
 
-def _start_worker_on(job: int, *args: str) -> subprocess.Popen:
+@contextmanager
+def _worker_on_stalled_job(hub, *args: str) -> Iterator[subprocess.Popen]:
+    """`registry worker ARGS` once it runs the stalled job; the stall is released and the worker killed after."""
     worker = subprocess.Popen([REGISTRY_BIN, "worker", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
-    deadline = time.time() + 120  # generous: a loaded 2-core CI machine starts processes slowly
-    while cli_json("job", str(job))["state"] != "running":  # claimed: the handler is hashing
-        assert time.time() < deadline and worker.poll() is None, worker.stderr.read() if worker.poll() else ""
-        time.sleep(0.05)
-    return worker
+    try:
+        deadline = time.time() + 120  # generous: a loaded 2-core CI machine starts processes slowly
+        while hub.proxy.sent.get("model.safetensors", 0) < 64 * 1024:  # claimed, downloading, now stalled
+            assert time.time() < deadline and worker.poll() is None, \
+                worker.stderr.read() if worker.poll() is not None else "the job never reached the stall"
+            time.sleep(0.02)
+        yield worker
+    finally:
+        hub.proxy.unstall.set()
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
 
 
-def test_sigterm_lets_the_current_job_finish(db_url, tmp_path):
-    job = _queue_big_verify(tmp_path, size=1024 ** 3)
-    worker = _start_worker_on(job, "--grace", "120")
-    worker.send_signal(signal.SIGTERM)
-    _, err = worker.communicate(timeout=180)
+def test_sigterm_lets_the_current_job_finish(db_url, hubp):
+    job = _queue_stalled_pull(hubp)
+    with _worker_on_stalled_job(hubp, "--grace", "120") as worker:
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert worker.poll() is None  # waiting for the job, which cannot finish while the hub stalls
+        hubp.proxy.unstall.set()  # the hub answers again: the job finishes within the grace period
+        _, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err
     done = cli_json("job", str(job))
-    assert done["state"] == "succeeded" and done["attempts"] == 1 and done["result"]["artifacts"][0]["ok"]
+    assert done["state"] == "succeeded" and done["attempts"] == 1 and done["result_artifact_id"] is not None
 
 
-def test_second_sigint_requeues_the_job_for_another_worker(db_url, tmp_path):
-    job = _queue_big_verify(tmp_path)
-    worker = _start_worker_on(job, "--grace", "120")
-    worker.send_signal(signal.SIGINT)
-    time.sleep(0.3)
-    assert worker.poll() is None  # the first signal only stops claiming
-    worker.send_signal(signal.SIGINT)
-    _, err = worker.communicate(timeout=60)
+def test_second_sigint_requeues_the_job_for_another_worker(db_url, hubp):
+    job = _queue_stalled_pull(hubp)
+    with _worker_on_stalled_job(hubp, "--grace", "120") as worker:
+        worker.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert worker.poll() is None  # the first signal only stops claiming
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=60)
     assert worker.returncode == 130, err
     assert "queued again" in err and "Traceback" not in err
     back = cli_json("job", str(job))
     assert (back["state"], back["attempts"], back["lease_owner"]) == ("queued", 0, None)  # not cancelled
-    run_cli("worker", "--once")
+    run_cli("worker", "--once")  # the hub answers again
     done = cli_json("job", str(job))
     assert done["state"] == "succeeded" and done["attempts"] == 1
 
 
-def test_grace_period_running_out_requeues_the_job(home, tmp_path):
-    job = _queue_big_verify(tmp_path)
-    worker = _start_worker_on(job, "--grace", "0.5")
-    worker.send_signal(signal.SIGTERM)
-    _, err = worker.communicate(timeout=60)
+def test_grace_period_running_out_requeues_the_job(hubp):
+    job = _queue_stalled_pull(hubp)
+    with _worker_on_stalled_job(hubp, "--grace", "0.5") as worker:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=60)
     assert worker.returncode == 130, err
     assert cli_json("job", str(job))["state"] == "queued"
 
@@ -244,18 +258,23 @@ def test_generate_failing_in_its_thread_exits_with_one_error_line(home, tiny_mod
     config = json.loads((tiny_model / "generation_config.json").read_text()) \
         if (tiny_model / "generation_config.json").exists() else {}
     (tiny_model / "generation_config.json").write_text(json.dumps({**config, "num_beams": 2}))
-    run_cli("import", str(tiny_model), "--name", "beams")
+    import_here(tiny_model, "beams")
     proc = run_cli("generate", "beams", "--prompt", "hello", "--max-new-tokens", "4", check=1, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: generation failed: ValueError"), proc.stderr
 
 
-def test_generate_on_cuda_without_a_gpu_is_bad_input(home, tiny_model):
+def test_generate_on_cuda_without_a_gpu_is_bad_input(reg, tiny_model):
+    # The library call: as a command, generate loads transformers first (seconds). The same refusal as a
+    # command (one line, exit 2): test_quantize.py::test_bad_inputs.
     import torch
+
+    from registry.errors import BadInput
+    from registry.generate import generate
+    from registry.importer import import_folder
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: --device cuda is valid here")
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    proc = run_cli("generate", "tiny", "--prompt", "hello", "--device", "cuda", check=2)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no CUDA GPU is available here; use --device cpu" in lines[0], proc.stderr
+    import_folder(reg, tiny_model, "tiny")
+    with pytest.raises(BadInput, match="no CUDA GPU is available here; use --device cpu"):
+        next(generate(reg, "tiny", "hello", device="cuda"))

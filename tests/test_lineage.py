@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from conftest import cli_json, run_cli
+from conftest import cli_json, import_here, run_cli, tag_here
 
 
 def make_adapter(folder: Path, base_name: str) -> Path:
@@ -29,7 +29,7 @@ def make_adapter(folder: Path, base_name: str) -> Path:
 
 
 def test_adapter_detected_and_linked_by_base_model_name(home, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     out = cli_json("import", str(make_adapter(tmp_path / "lora", "tiny")), "--name", "lora")
     assert out["kind"] == "adapter"
     shown = cli_json("show", "lora")
@@ -40,8 +40,8 @@ def test_adapter_detected_and_linked_by_base_model_name(home, tiny_model, tmp_pa
 
 
 def test_adapter_linked_by_explicit_base(home, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("tag", "tiny", "tiny:prod")
+    import_here(tiny_model, "tiny")
+    tag_here("tiny", "tiny:prod")
     run_cli("import", str(make_adapter(tmp_path / "lora", "some/other-name")), "--name", "lora",
             "--base", "tiny:prod")
     assert cli_json("show", "lora")["lineage"]["parents"][0]["name"] == "tiny"

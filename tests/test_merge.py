@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import cli_json, run_cli
+from conftest import cli_json, import_here, run_cli, tag_here
 from tinymodel import build_tiny_llama
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -43,9 +45,12 @@ def peft_reference(base_dir: Path, adapter_dir: Path, dtype) -> dict[str, torch.
 
 
 def merged_tensors(name: str) -> dict[str, torch.Tensor]:
+    return tensors_in(Path(run_cli("path", name).stdout.strip()))
+
+
+def tensors_in(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    folder = Path(run_cli("path", name).stdout.strip())
     tensors = {}
     for shard in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(str(shard)))
@@ -102,28 +107,36 @@ CASES = {
 }
 
 
-@pytest.mark.sqlite_only  # numerics, 11 cases: the catalog side of merge runs on both backends below
+# Numerics, 11 cases: the merge runs in this process (library calls), on SQLite; the same merge as a command,
+# a job, its output and its catalog side run on both backends in test_merge_lineage_metadata_and_dedup and
+# test_merge_that_registers_nothing_leaves_no_pins (and in test_content_digest, test_artifact_ids).
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("case", list(CASES))
-def test_merge_equals_peft(home, bases, tmp_path, case):
+def test_merge_equals_peft(reg, bases, tmp_path, case):
+    from registry.export import snapshot_path
+    from registry.importer import import_folder
+    from registry.merge import merge
+
     base_key, dtype, lora = CASES[case]
     base_dir = bases[base_key]
     adapter = make_peft_adapter(base_dir, tmp_path / "adapter", dtype, **lora)
     if lora.get("modules_to_save"):
         _train_saved_modules(adapter)
-    run_cli("import", str(base_dir), "--name", "base")
-    run_cli("import", str(adapter), "--name", "lora")
-    out = cli_json("merge", "base", "lora", "--name", "merged")
+    import_folder(reg, base_dir, "base")
+    import_folder(reg, adapter, "lora")
+    out = merge(reg, "base", "lora", name="merged")
     ref = peft_reference(base_dir, adapter, dtype)
-    ours = merged_tensors("merged")
+    merged_dir = snapshot_path(reg, "merged")
+    ours = tensors_in(merged_dir)
     assert_matches_peft(ours, ref)
-    base_tensors = merged_tensors("base")
+    base_tensors = tensors_in(snapshot_path(reg, "base"))
     changed = {k for k in ours if not torch.equal(ours[k], base_tensors[k])}
-    assert len(changed) == out["tensors_merged"] + out["tensors_replaced"] > 0
+    assert len(changed) == out.tensors_merged + out.tensors_replaced > 0
     if case == "sharded":
         shards = sorted(p.name for p in base_dir.glob("*.safetensors"))
         assert len(shards) > 1
-        assert sorted(p.name for p in Path(run_cli("path", "merged").stdout.strip()).glob("*.safetensors")) == shards
-        assert "model.safetensors.index.json" in {f["path"] for f in cli_json("show", "merged")["file_list"]}
+        assert sorted(p.name for p in merged_dir.glob("*.safetensors")) == shards
+        assert (merged_dir / "model.safetensors.index.json").is_file()
 
 
 def _train_saved_modules(adapter: Path) -> None:
@@ -141,8 +154,8 @@ def _train_saved_modules(adapter: Path) -> None:
 def test_merge_lineage_metadata_and_dedup(home, bases, tmp_path):
     base_dir = bases["llama"]
     adapter = make_peft_adapter(base_dir, tmp_path / "adapter", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    base = cli_json("import", str(base_dir), "--name", "base")
-    lora = cli_json("import", str(adapter), "--name", "lora")
+    base = import_here(base_dir, "base")
+    lora = import_here(adapter, "lora")
     out = cli_json("merge", "base", "lora")
     assert out["name"] == "lora-merged"
     weights = (base_dir / "model.safetensors").stat().st_size
@@ -159,23 +172,32 @@ def test_merge_lineage_metadata_and_dedup(home, bases, tmp_path):
     merged_files = {f["path"]: f["sha256"] for f in shown["file_list"]}
     assert merged_files.keys() == base_files.keys()
     assert [p for p in base_files if base_files[p] != merged_files[p]] == ["model.safetensors"]
-    again = cli_json("merge", "base", "lora")
-    assert again["digest"] == out["digest"] and again["bytes_added"] == 0
+    from registry import Registry
+    from registry.merge import merge
+
+    again = merge(Registry(), "base", "lora")  # the library call: a command would load torch again (seconds)
+    assert again.digest == out["digest"] and again.bytes_added == 0 and again.created is False
     assert "used by: lora-merged (base" in run_cli("show", "base").stdout
 
 
+# --check as a command loads peft and transformers (seconds): on SQLite. Its provenance on both backends:
+# test_content_digest.py::test_merge_with_and_without_check_has_one_digest.
+@pytest.mark.sqlite_only
 def test_merge_check_and_dtype(home, bases, tmp_path):
+    from registry import Registry
+    from registry.merge import merge
+
     adapter = make_peft_adapter(bases["llama"], tmp_path / "adapter", r=4, lora_alpha=8, target_modules=LINEAR)
-    run_cli("import", str(bases["llama"]), "--name", "base")
-    run_cli("import", str(adapter), "--name", "lora")
+    import_here(bases["llama"], "base")
+    import_here(adapter, "lora")
     out = run_cli("merge", "base", "lora", "--check", "--dtype", "bf16", "--name", "m16").stdout
     assert "largest logit difference against peft" in out
     shown = cli_json("show", "m16")
     assert shown["metadata"]["dtype"] == "bfloat16" and shown["provenance"]["merge"]["check"]["max_logit_diff"] < 0.1
     assert json.loads((Path(run_cli("path", "m16").stdout.strip()) / "config.json").read_text())["dtype"] == "bfloat16"
     assert {t.dtype for t in merged_tensors("m16").values()} == {torch.bfloat16}
-    out32 = cli_json("merge", "base", "lora", "--check", "--name", "m32")
-    assert out32["check"]["max_logit_diff"] < 1e-4
+    out32 = merge(Registry(), "base", "lora", name="m32", check=True)  # numerics only: in this process
+    assert out32.check["max_logit_diff"] < 1e-4
 
 
 def _error(proc) -> str:
@@ -184,21 +206,32 @@ def _error(proc) -> str:
     return lines[0]
 
 
-# Refusals come before any registration; merge's catalog side runs on both backends in the lineage, dtype and
-# pins tests.
+# Refusals come before any registration; merge's catalog side runs on both backends in the lineage and pins
+# tests. One refusal that needs the adapter's tensors runs as a command (one line, exit 2, after torch loads);
+# the others are the same library call in this process, where torch loads once. The refusals the catalog
+# decides are run as commands in test_refusals_the_catalog_decides_come_before_torch_is_imported.
 @pytest.mark.sqlite_only
-def test_refusals(home, bases, tmp_path):
+def test_refusals(reg, bases, tmp_path):
     from safetensors.torch import load_file, save_file
 
+    from registry.errors import BadInput, Conflict, OperationFailed
+    from registry.importer import import_folder
+    from registry.merge import merge
+
+    def refused(base: str, adapter: str, error=BadInput, **kw) -> str:
+        with pytest.raises(error) as caught:
+            merge(reg, base, adapter, **kw)
+        return str(caught.value)
+
     llama, gpt2 = bases["llama"], bases["gpt2"]
-    run_cli("import", str(llama), "--name", "base")
+    import_folder(reg, llama, "base")
     good = make_peft_adapter(llama, tmp_path / "good", r=4, lora_alpha=8, target_modules=["q_proj"])
-    run_cli("import", str(good), "--name", "good")
+    import_folder(reg, good, "good")
     # The adapter names another base model.
     other = make_peft_adapter(gpt2, tmp_path / "gpt2-lora", r=4, lora_alpha=8, target_modules=["c_attn"],
                               fan_in_fan_out=True)
-    run_cli("import", str(other), "--name", "gpt2-lora")
-    assert "was trained on" in _error(run_cli("merge", "base", "gpt2-lora", check=2))
+    import_folder(reg, other, "gpt2-lora")
+    assert "was trained on" in refused("base", "gpt2-lora", Conflict)
     # A targeted tensor the base lacks: refused even with --force.
     assert "which the base does not have" in _error(run_cli("merge", "base", "gpt2-lora", "--force", check=2))
     # A shape that does not fit.
@@ -210,8 +243,8 @@ def test_refusals(home, bases, tmp_path):
     LlamaForCausalLM(LlamaConfig(**{**cfg, "hidden_size": 32, "intermediate_size": 64,
                                     "head_dim": 8})).save_pretrained(narrow)
     shaped = make_peft_adapter(narrow, tmp_path / "narrow-lora", r=4, lora_alpha=8, target_modules=["q_proj"])
-    run_cli("import", str(shaped), "--name", "narrow-lora")
-    err = _error(run_cli("merge", "base", "narrow-lora", "--force", check=2))
+    import_folder(reg, shaped, "narrow-lora")
+    err = refused("base", "narrow-lora", force=True)
     assert "shape mismatch for model.layers.0.self_attn.q_proj.weight" in err and "[64, 64]" in err
     # An unknown key.
     odd = tmp_path / "odd"
@@ -220,37 +253,34 @@ def test_refusals(home, bases, tmp_path):
     tensors = load_file(str(good / "adapter_model.safetensors"))
     tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"] = torch.zeros(2)
     save_file(tensors, str(odd / "adapter_model.safetensors"))
-    run_cli("import", str(odd), "--name", "odd", "--base", "base")
-    assert "unknown tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight'" in \
-        _error(run_cli("merge", "base", "odd", check=2))
+    import_folder(reg, odd, "odd", base="base")
+    assert "unknown tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight'" in refused("base", "odd")
     # Another peft method.
     ia3 = tmp_path / "ia3"
     ia3.mkdir()
     (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "base_model_name_or_path": str(llama)}))
     save_file({"base_model.model.model.layers.0.mlp.down_proj.ia3_l": torch.ones(1, 128)},
               str(ia3 / "adapter_model.safetensors"))
-    run_cli("import", str(ia3), "--name", "ia3")
-    assert "peft method 'IA3' is not supported" in _error(run_cli("merge", "base", "ia3", check=2))
-    # An untrained adapter (lora_B all zeros) would give back the base.
+    import_folder(reg, ia3, "ia3")
+    assert "peft method 'IA3' is not supported" in refused("base", "ia3")
+    # An untrained adapter (lora_B all zeros) would give back the base: the merge fails (exit 1).
     zero = make_peft_adapter(llama, tmp_path / "zero", r=4, lora_alpha=8, target_modules=["q_proj"],
                              init_lora_weights=True)
-    run_cli("import", str(zero), "--name", "zero")
-    assert "merged model equals its base" in _error(run_cli("merge", "base", "zero", check=1))
+    import_folder(reg, zero, "zero")
+    assert "merged model equals its base" in refused("base", "zero", OperationFailed)
     # Pickle adapters need --allow-pickle.
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
     torch.save(load_file(str(good / "adapter_model.safetensors")), pickled / "adapter_model.bin")
-    run_cli("import", str(pickled), "--name", "pickled")
-    assert "--allow-pickle" in _error(run_cli("merge", "base", "pickled", check=2))
-    run_cli("merge", "base", "pickled", "--allow-pickle", "--name", "from-pickle")
-    run_cli("merge", "base", "good", "--name", "from-safetensors")
-    weights = [{f["path"]: f["sha256"] for f in cli_json("show", n)["file_list"]}["model.safetensors"]
-               for n in ("from-pickle", "from-safetensors")]
-    assert weights[0] == weights[1]  # the same adapter, read from pickle or safetensors, merges identically
+    import_folder(reg, pickled, "pickled")
+    assert "--allow-pickle" in refused("base", "pickled")
+    from_pickle = merge(reg, "base", "pickled", name="from-pickle", allow_pickle=True)
+    from_safetensors = merge(reg, "base", "good", name="from-safetensors")
+    assert from_pickle.digest == from_safetensors.digest  # one adapter, from pickle or safetensors: one merge
     # Wrong argument kinds and a quantized base.
-    assert "not an adapter" in _error(run_cli("merge", "base", "base", check=2))
-    assert "is an adapter" in _error(run_cli("merge", "good", "good", check=2))
+    assert "not an adapter" in refused("base", "base")
+    assert "is an adapter" in refused("good", "good")
     quant = tmp_path / "quant"
     quant.mkdir()
     for f in llama.iterdir():
@@ -258,9 +288,34 @@ def test_refusals(home, bases, tmp_path):
     cfg = json.loads((llama / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (quant / "config.json").write_text(json.dumps(cfg))
-    run_cli("import", str(quant), "--name", "quant")
-    assert "is quantized; merge into the full-precision base" in _error(run_cli("merge", "quant", "good", check=2))
+    import_folder(reg, quant, "quant")
+    assert "is quantized; merge into the full-precision base" in refused("quant", "good")
     assert [a["name"] for a in cli_json("list", "--kind", "merged")] == ["from-safetensors", "from-pickle"]
+
+
+# Runs `registry merge` as the console script does, and says afterwards which ML packages it imported.
+ML_IMPORTED = ("import sys\nsys.argv = ['registry', *sys.argv[1:]]\nfrom registry.cli import main\ntry:\n"
+               "    main()\nfinally:\n    print('ML imported:', [m for m in ('torch', 'transformers', 'peft') "
+               "if m in sys.modules], file=sys.stderr)\n")
+
+
+@pytest.mark.sqlite_only  # import timing; these refusals on PostgreSQL: test_names_early, test_artifact_ids
+def test_refusals_the_catalog_decides_come_before_torch_is_imported(home, tiny_model, tmp_path):
+    """A merge refused for its refs, kinds, base or name answers in about a second: it never imports torch."""
+    from test_lineage import make_adapter
+
+    import_here(tiny_model, "tiny")
+    import_here(make_adapter(tmp_path / "lora", "tiny"), "lora")
+    import_here(make_adapter(tmp_path / "other", "someone/else"), "other")
+    tag_here("tiny", "prod")
+    for args, code, message in ((["tiny", "nope"], 3, "nope"), (["tiny", "tiny"], 2, "tiny is a base, not an adapter"),
+                                (["tiny", "other"], 2, "other was trained on 'someone/else', not tiny"),
+                                (["tiny", "lora", "--name", "prod"], 2, "'prod' is already a tag")):
+        proc = subprocess.run([sys.executable, "-c", ML_IMPORTED, "merge", *args], capture_output=True, text=True)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == code and len(lines) == 2, (args, proc.stderr)
+        assert lines[0].startswith("error: ") and message in lines[0], (args, proc.stderr)
+        assert lines[1] == "ML imported: []", (args, proc.stderr)
 
 
 def test_merge_that_registers_nothing_leaves_no_pins(home, bases, tmp_path):
@@ -270,8 +325,8 @@ def test_merge_that_registers_nothing_leaves_no_pins(home, bases, tmp_path):
     from registry.models import BlobPin
 
     adapter = make_peft_adapter(bases["llama"], tmp_path / "adapter", r=4, target_modules=["q_proj"])
-    run_cli("import", str(bases["llama"]), "--name", "base")
-    run_cli("import", str(adapter), "--name", "lora", "--base", "base")
+    import_here(bases["llama"], "base")
+    import_here(adapter, "lora", base="base")
     proc = run_cli("merge", "base", "lora", "--name", "base", check=2)
     assert "already used" in proc.stderr
     reg = Registry()

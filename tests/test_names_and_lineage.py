@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_json, run_cli
+from conftest import cli_json, import_here, run_cli, tag_here
 from hubproxy import make_repo
 from test_fsck import _lose_catalog
 from test_lineage import make_adapter
@@ -51,12 +51,11 @@ def test_pulled_adapter_is_linked_to_its_base_and_generate_finds_it(db_url, hubp
 def test_import_again_repairs_a_link_to_a_removed_base(db_url, tiny_model, tmp_path):
     explicit = make_adapter(tmp_path / "explicit", "some/other-name")
     detected = make_adapter(tmp_path / "detected", "tiny")
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("import", str(explicit), "--name", "explicit", "--base", "tiny")
-    run_cli("import", str(detected), "--name", "detected")
-    old = cli_json("show", "tiny")["digest"]
+    old = import_here(tiny_model, "tiny")["digest"]
+    import_here(explicit, "explicit", base="tiny")
+    import_here(detected, "detected")
     run_cli("rm", "tiny", "--force")
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     assert _parents("explicit") == [("tiny", "base", "deleted")]
     out = run_cli("import", str(explicit), "--name", "explicit", "--base", "tiny").stdout
     assert "already registered explicit" in out  # it said this, and kept the link to the removed base
@@ -66,7 +65,7 @@ def test_import_again_repairs_a_link_to_a_removed_base(db_url, tiny_model, tmp_p
     assert "linked detected -> tiny (base)" in run_cli("import", str(detected), "--name", "detected").stdout
     assert _parents("detected") == [("tiny", "base", "ready")]
     # An explicit --base that contradicts a live link is refused, not silently ignored.
-    run_cli("import", str(tiny_model), "--name", "tiny2")
+    import_here(tiny_model, "tiny2")
     err = _error(run_cli("import", str(explicit), "--name", "explicit", "--base", "tiny2", check=2))
     assert "explicit is already linked to base tiny" in err
     assert "registry link explicit tiny2 --role base --force" in err
@@ -81,9 +80,9 @@ def test_link_validates_records_and_survives_a_catalog_rebuild(db_url, tiny_mode
     from registry.generate import _model_dirs
     from registry.models import Artifact
 
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("import", str(tiny_model), "--name", "tiny2")
-    run_cli("import", str(make_adapter(tmp_path / "lora", "nobody/knows")), "--name", "lora")
+    import_here(tiny_model, "tiny")
+    import_here(tiny_model, "tiny2")
+    import_here(make_adapter(tmp_path / "lora", "nobody/knows"), "lora")
     assert _parents("lora") == []
     reg = Registry()
     with pytest.raises(BadInput, match="lora is an adapter with no registered base; import its base, then link "
@@ -123,9 +122,9 @@ def test_link_validates_records_and_survives_a_catalog_rebuild(db_url, tiny_mode
 # -- item 5: names and tags share one namespace --------------------------------------------------------------
 
 def test_names_and_tags_share_one_namespace(db_url, hubp, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "llama-7b")
-    run_cli("tag", "llama-7b", "prod")
-    run_cli("tag", "llama-7b", "acme/big")  # a tag that happens to be a repo id
+    import_here(tiny_model, "llama-7b")
+    tag_here("llama-7b", "prod")
+    tag_here("llama-7b", "acme/big")  # a tag that happens to be a repo id
     other = shutil.copytree(tiny_model, tmp_path / "other")
     (other / "generation_config.json").write_text('{"max_length": 7}')  # other content
     err = _error(run_cli("import", str(other), "--name", "prod", check=2))

@@ -11,7 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from conftest import blob_files, cli_json, run_cli
+from conftest import blob_files, cli_json, import_here, run_cli, tag_here
 from hubproxy import make_repo
 from test_lineage import make_adapter
 
@@ -67,8 +67,8 @@ def _failed_job(job_id: int) -> dict:
 # -- item 1: pull ---------------------------------------------------------------------------------------------
 
 def test_pull_refuses_name_and_tag_clashes_before_downloading(db_url, hubp, tiny_model_template):
-    other = cli_json("import", str(tiny_model_template), "--name", "other")["digest"]
-    run_cli("tag", "other", "prod")
+    other = import_here(tiny_model_template, "other")["digest"]
+    tag_here("other", "prod")
     refusals = [  # (arguments, the line registration gives)
         (["acme/tiny", "--tag", "other"], _tag_is_a_name("other", other)),
         (["acme/tiny", "--name", "prod"], _name_is_a_tag("prod", "other")),
@@ -84,15 +84,15 @@ def test_pull_refuses_name_and_tag_clashes_before_downloading(db_url, hubp, tiny
         assert _downloaded(hubp) == {}
     assert _jobs("pull") == []  # refused before it was queued: no failed job left behind
     # The pull's own REPO_ID:REVISION tag, and a default name that steps aside onto a tag too.
-    run_cli("import", str(tiny_model_template), "--name", "acme/tiny:v1")
+    import_here(tiny_model_template, "acme/tiny:v1")
     assert _error(run_cli("pull", "acme/tiny@v1", check=2)) == _tag_is_a_name("acme/tiny:v1", other)
-    run_cli("tag", "other", "acme/tiny")
-    run_cli("tag", "other", f"acme/tiny@{hubp.second[:12]}")
+    tag_here("other", "acme/tiny")
+    tag_here("other", f"acme/tiny@{hubp.second[:12]}")
     assert _error(run_cli("pull", "acme/tiny", check=2)) == _name_is_a_tag(f"acme/tiny@{hubp.second[:12]}", "other")
     # A worker running a job queued before the clash existed refuses it before downloading, too.
     hubp.proxy.reset()
     job = cli_json("pull", "acme/tiny", "--name", "later", "--detach")["job"]
-    run_cli("tag", "other", "later")
+    tag_here("other", "later")
     run_cli("worker", "--once")
     assert "error: " + _failed_job(job)["error"] == _name_is_a_tag("later", "other")
     assert _downloaded(hubp) == {}
@@ -102,16 +102,16 @@ def test_pull_refuses_name_and_tag_clashes_before_downloading(db_url, hubp, tiny
 # -- item 1: merge and quantize ---------------------------------------------------------------------------------
 
 def test_merge_refuses_a_tag_name_before_merging(db_url, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("import", str(make_adapter(tmp_path / "lora", "tiny")), "--name", "lora")
-    run_cli("tag", "tiny", "prod")
-    run_cli("tag", "tiny", "lora-merged")  # the default name
+    import_here(tiny_model, "tiny")
+    import_here(make_adapter(tmp_path / "lora", "tiny"), "lora")
+    tag_here("tiny", "prod")
+    tag_here("tiny", "lora-merged")  # the default name
     home_blobs = blob_files(_home())
     for args, name in ((["--name", "prod"], "prod"), (["--detach"], "lora-merged")):
         assert _error(run_cli("merge", "tiny", "lora", *args, check=2)) == _name_is_a_tag(name, "tiny")
     assert _jobs("merge") == []
     job = cli_json("merge", "tiny", "lora", "--name", "later", "--detach")["job"]
-    run_cli("tag", "tiny", "later")
+    tag_here("tiny", "later")
     run_cli("worker", "--once")
     assert "error: " + _failed_job(job)["error"] == _name_is_a_tag("later", "tiny")
     assert blob_files(_home()) == home_blobs  # no merged shard was written
@@ -119,9 +119,9 @@ def test_merge_refuses_a_tag_name_before_merging(db_url, tiny_model, tmp_path):
 
 
 def test_quantize_refuses_a_tag_name_before_loading_the_engine(db_url, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("tag", "tiny", "prod")
-    run_cli("tag", "tiny", "tiny-gptq-int3")  # the default name with --bits 3
+    import_here(tiny_model, "tiny")
+    tag_here("tiny", "prod")
+    tag_here("tiny", "tiny-gptq-int3")  # the default name with --bits 3
     # --group-size 48 does not divide the tiny model's 64 features: before the early check, each run below was
     # refused for that, after importing GPTQModel, and never ran GPTQ either.
     home_blobs = blob_files(_home())
@@ -130,7 +130,7 @@ def test_quantize_refuses_a_tag_name_before_loading_the_engine(db_url, tiny_mode
         assert _error(proc) == _name_is_a_tag(name, "tiny")
     assert _jobs("quantize") == []
     job = cli_json("quantize", "tiny", "--name", "later", "--group-size", "48", "--no-eval", "--detach")["job"]
-    run_cli("tag", "tiny", "later")
+    tag_here("tiny", "later")
     _probe("worker", "--once", check=0)  # the job fails; the worker goes on
     assert "error: " + _failed_job(job)["error"] == _name_is_a_tag("later", "tiny")
     assert blob_files(_home()) == home_blobs
@@ -158,7 +158,7 @@ def test_a_filter_that_keeps_every_file_pulls_the_whole_commit(db_url, hubp, tin
 # -- item 3: digest-like names in any case ----------------------------------------------------------------------
 
 def test_digest_like_names_and_tags_are_refused_in_any_case(db_url, tiny_model):
-    digest = cli_json("import", str(tiny_model), "--name", "tiny")["digest"]
+    digest = import_here(tiny_model, "tiny")["digest"]
     upper = digest[:15].upper()
     for tag in (upper, "Sha256:dc336e1e", "sha256:dc336e1e"):
         assert _error(run_cli("tag", "tiny", tag, check=2)).startswith(f"error: invalid tag {tag!r}")
@@ -170,9 +170,9 @@ def test_digest_like_names_and_tags_are_refused_in_any_case(db_url, tiny_model):
 # -- item 5: replaced links as objects, and pull says what it repaired ----------------------------------------
 
 def test_replaced_links_are_objects(db_url, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    tiny2 = cli_json("import", str(tiny_model), "--name", "tiny2")["digest"]
-    run_cli("import", str(make_adapter(tmp_path / "lora", "nobody/knows")), "--name", "lora")
+    import_here(tiny_model, "tiny")
+    tiny2 = import_here(tiny_model, "tiny2")["digest"]
+    import_here(make_adapter(tmp_path / "lora", "nobody/knows"), "lora")
     run_cli("link", "lora", "tiny2")
     out = cli_json("link", "lora", "tiny", "--force")
     assert out["replaced"] == [{"name": "tiny2", "digest": tiny2, "removed": False}]
@@ -199,8 +199,8 @@ def test_pulling_an_adapter_again_reports_the_link_it_repaired(db_url, hubp, tmp
 
 
 def test_import_detach_refuses_a_tag_name_before_queueing(db_url, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
-    run_cli("tag", "tiny", "prod")
+    import_here(tiny_model, "tiny")
+    tag_here("tiny", "prod")
     proc = run_cli("import", str(tiny_model), "--name", "prod", "--detach", check=2)
     assert proc.stderr.startswith("error: ") and "namespace" in proc.stderr and proc.stdout == ""
     assert cli_json("jobs", "--state", "queued") == []  # no doomed job left for a worker

@@ -238,6 +238,9 @@ def test_include_exclude_name_and_kind(hubp):
     assert "no files matching --include/--exclude" in proc.stderr
 
 
+# Refused from the hub's listing, before the catalog plays any part; an unsafe listing refused on both backends:
+# test_not_found_malformed_and_traversal.
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("name", ["notes\n.txt", "ansi\x1b[2J.txt", "sub\tdir/notes.txt"])
 def test_listing_with_control_characters_refused(hubp, home, name):
     hubp.proxy.tree_extra = [{"type": "file", "path": name, "size": 4, "oid": "0" * 40}]

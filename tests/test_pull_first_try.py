@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REGISTRY_BIN, cli_json, run_cli
+from conftest import REGISTRY_BIN, cli_json, import_here, run_cli
 from hubproxy import free_port
 
 
@@ -46,7 +46,7 @@ def test_filtered_pull_takes_no_name_or_tag_of_the_repo(hubp):
 
 
 def test_pull_after_a_folder_import_downloads_only_what_is_new(hubp, tiny_model_template):
-    run_cli("import", str(tiny_model_template), "--name", "local-tiny")
+    import_here(tiny_model_template, "local-tiny")
     hubp.proxy.reset()
     text = _pull_text(f"acme/tiny@{hubp.first}")
     # The small files' git blob ids were computed at import, so only the repo's README crosses the wire.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REGISTRY_BIN, cli_json, run_cli
+from conftest import REGISTRY_BIN, cli_json, import_here, run_cli
 from test_merge import make_peft_adapter
 from tinymodel import synthetic_corpus, train_tiny_llama
 
@@ -32,10 +32,14 @@ def trained(tmp_path_factory):
 @pytest.fixture
 def with_source(home, trained):
     model, calibration = trained
-    run_cli("import", str(model), "--name", "tiny")
+    import_here(model, "tiny")
     return calibration
 
 
+# GPTQ with the defaults (128 samples of 512 tokens, evaluated), then the checkpoint is loaded and generates:
+# on SQLite. Quantize's catalog side (artifact, lineage, provenance, job) on both backends:
+# test_artifact_ids.py::test_quantize_links_lineage_to_the_artifact_named.
+@pytest.mark.sqlite_only
 def test_quantize_produces_a_gptq_checkpoint_that_loads_and_generates(with_source):
     from importlib import resources
 
@@ -153,35 +157,47 @@ def test_chat_prompt_and_calibration_formats(tmp_path):
 
 
 # Refusals are decided before any database work that differs between backends; quantize's catalog side runs
-# on both in test_quantize_produces_a_gptq_checkpoint_that_loads_and_generates.
+# on both in test_artifact_ids.py::test_quantize_links_lineage_to_the_artifact_named. One refusal runs as a command
+# (one line on stderr, exit 2; more: test_names_early, test_artifact_ids); the others are the same library call
+# in this process, which loads torch and GPTQModel once instead of once per refusal.
 @pytest.mark.sqlite_only
 def test_bad_inputs(with_source, tmp_path, trained):
-    def refused(*args, message):
-        proc = run_cli("quantize", *args, check=2)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    from registry import Registry
+    from registry.errors import BadInput
+    from registry.importer import import_folder
+    from registry.quantize import QuantizeOptions, quantize
+
+    reg = Registry()
+    small = dict(group_size=32, samples=32, seq_len=64)
+
+    def refused(ref, message, **options):
+        with pytest.raises(BadInput) as caught:
+            quantize(reg, ref, QuantizeOptions(**options))
+        assert message in str(caught.value)
 
     calib = str(with_source)
-    refused("tiny", "--bits", "5", "--calibration", calib, *QUANT_ARGS, message="--bits 5 is not supported")
-    refused("tiny", "--group-size", "48", "--calibration", calib, "--samples", "4", message="--group-size 48 does not divide the")
+    proc = run_cli("quantize", "tiny", "--device", "cuda", "--calibration", calib, *QUANT_ARGS, check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no CUDA GPU" in lines[0], proc.stderr
+    refused("tiny", "--bits 5 is not supported", bits=5, **small, calibration=calib)
+    refused("tiny", "--group-size 48 does not divide the", group_size=48, calibration=calib, samples=4)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    refused("tiny", "--calibration", str(empty), *QUANT_ARGS, message="has no samples")
-    refused("tiny", "--calibration", calib, "--group-size", "32", "--samples", "5000", message="fewer than --samples 5000")
-    refused("tiny", "--calibration", str(tmp_path / "missing.txt"), *QUANT_ARGS, message="cannot read calibration file")
-    refused("tiny", "--device", "cuda", "--calibration", calib, *QUANT_ARGS, message="no CUDA GPU")
+    refused("tiny", "has no samples", **small, calibration=str(empty))
+    refused("tiny", "fewer than --samples 5000", group_size=32, calibration=calib, samples=5000)
+    refused("tiny", "cannot read calibration file", **small, calibration=str(tmp_path / "missing.txt"))
     adapter = make_peft_adapter(trained[0], tmp_path / "lora", r=4, lora_alpha=8, target_modules=["q_proj"])
-    run_cli("import", str(adapter), "--name", "lora")
-    refused("lora", *QUANT_ARGS, message="merge it into its base first")
+    import_folder(reg, adapter, "lora")
+    refused("lora", "merge it into its base first", **small)
     odd = tmp_path / "odd"
     shutil.copytree(trained[0], odd)
     cfg = json.loads((odd / "config.json").read_text())
     (odd / "config.json").write_text(json.dumps({**cfg, "model_type": "madeupformer"}))
-    run_cli("import", str(odd), "--name", "odd")
-    refused("odd", *QUANT_ARGS, message="architecture 'madeupformer' is not supported")
+    import_folder(reg, odd, "odd")
+    refused("odd", "architecture 'madeupformer' is not supported", **small)
     quant = tmp_path / "quant"
     shutil.copytree(trained[0], quant)
     (quant / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
-    run_cli("import", str(quant), "--name", "already")
-    refused("already", *QUANT_ARGS, message="already quantized")
+    import_folder(reg, quant, "already")
+    refused("already", "already quantized", **small)
     assert [a["name"] for a in cli_json("list", "--kind", "quantized")] == ["already"]

@@ -4,13 +4,18 @@ from __future__ import annotations
 import json
 import os
 
-from conftest import cli_json, run_cli
+from conftest import cli_json, import_here, run_cli
 from hubproxy import HubProxy
 from conftest import _random_safetensors  # the hub and hubp fixtures (olah behind a proxy) are in conftest
 
 
 def _blob(home, artifact: str, path: str):
-    sha = {f["path"]: f["sha256"] for f in cli_json("show", artifact)["file_list"]}[path]
+    """The blob of one of the artifact's files, as `registry show` lists them (read in-process: faster)."""
+    from registry import Registry
+    from registry.catalog import resolve
+
+    with Registry().read_session() as s:
+        sha = {f.path: f.sha256 for f in resolve(s, artifact).files}[path]
     return home / "blobs" / "sha256" / sha[:2] / sha
 
 
@@ -24,7 +29,7 @@ def _flip_byte(blob, offset: int = 10) -> None:
 
 
 def test_repair_an_imported_artifact_from_its_folder(db_url, home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     _flip_byte(_blob(home, "tiny", "model.safetensors"), 1000)
     _blob(home, "tiny", "tokenizer.json").unlink()
     run_cli("verify", "tiny", check=1)
@@ -46,7 +51,7 @@ def test_repair_an_imported_artifact_from_its_folder(db_url, home, tiny_model):
 
 
 def test_repair_fails_when_the_source_folder_changed(db_url, home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     blob = _blob(home, "tiny", "model.safetensors")
     _flip_byte(blob, 1000)
     (tiny_model / "model.safetensors").write_bytes(b"retrained weights")
@@ -88,14 +93,14 @@ def test_repair_refuses_an_untrusted_recorded_endpoint(hubp, home):
 
 
 def test_repair_refuses_removed_and_unknown_artifacts(home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     run_cli("rm", "tiny")
     assert "tiny was removed (registry rm) and cannot be repaired" in run_cli("repair", "tiny", check=3).stderr
     assert "no artifact, tag or digest named 'nope'" in run_cli("repair", "nope", check=3).stderr
 
 
 def test_detached_repair_runs_on_a_worker(db_url, home, tiny_model):
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     _blob(home, "tiny", "config.json").unlink()
     queued = cli_json("repair", "tiny", "--detach")
     job = cli_json("job", str(queued["job"]))
@@ -110,7 +115,7 @@ def test_repair_replaces_the_damaged_file_and_stale_snapshots(db_url, home, tiny
     import hashlib
     from pathlib import Path
 
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     snapshot = Path(run_cli("path", "tiny").stdout.strip())  # shares the blob's inode
     blob = _blob(home, "tiny", "model.safetensors")
     good = hashlib.sha256(blob.read_bytes()).hexdigest()

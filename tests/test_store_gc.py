@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text, update
 
-from conftest import REGISTRY_BIN, blob_files, cli_json, run_cli
+from conftest import REGISTRY_BIN, blob_files, cli_json, import_here, run_cli
 
 IMPORT_LOOP = r"""
 import sys, time
@@ -74,7 +74,7 @@ def _stop_gc_loop(stop, proc) -> tuple[int, int]:
 
 
 def test_gc_in_a_tight_loop_beside_imports_loses_nothing(db_url, tiny_model, tmp_path):
-    run_cli("import", str(tiny_model), "--name", "first")  # the catalog is in use before gc starts
+    import_here(tiny_model, "first")  # the catalog is in use before gc starts
     run_cli("rm", "first")
     stop, gc = _start_gc_loop(tmp_path)
     try:
@@ -142,7 +142,7 @@ def test_pins_end_with_the_import_so_gc_frees_a_removed_artifact(db_url, home, t
 def test_store_entries_gc_keeps_and_removes(home, tiny_model):
     from registry import Registry
 
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     reg = Registry()
     tmp = home / "tmp"
     old = time.time() - 3600
@@ -208,7 +208,8 @@ def test_temp_files_of_running_ingests_survive_a_gc_loop(home, tiny_model, tmp_p
     run_cli("import", str(tiny_model), "--name", "tiny")
     stop, gc = _start_gc_loop(tmp_path)
     try:
-        churn = subprocess.run([sys.executable, "-c", CHURN, "15"], capture_output=True, text=True, timeout=120)
+        # 5 s: some 500 ingests and scratch folders beside some 250 gc runs on 2 idle cores (it was 15 s).
+        churn = subprocess.run([sys.executable, "-c", CHURN, "5"], capture_output=True, text=True, timeout=120)
     finally:
         runs, _ = _stop_gc_loop(stop, gc)  # never crashed (e.g. FileNotFoundError on a vanished temp file)
     assert churn.returncode == 0, churn.stderr
@@ -262,7 +263,7 @@ def test_export_rechecks_paths_from_the_catalog(db_url, tiny_model, tmp_path):
     from registry.db import get_engine
     from registry.config import load_settings
 
-    run_cli("import", str(tiny_model), "--name", "tiny")
+    import_here(tiny_model, "tiny")
     with get_engine(load_settings()).begin() as conn:  # a tampered (or foreign) catalog
         conn.execute(text("UPDATE files SET path = '../escaped.json' WHERE path = 'config.json'"))
     dest = tmp_path / "out" / "model"

@@ -166,13 +166,20 @@ def test_no_token_over_plain_http_to_another_host(hubp, home, tmp_path):
     ('[[endpoints]\n', "is not valid TOML"),
 ])
 def test_bad_configuration_is_one_clear_error(home, tiny_model, text, message):
+    # The library call the import job makes (BadInput: exit 2); a configuration error as a command, one line:
+    # test_registry_config_names_the_file.
+    from registry.errors import BadInput
+    from registry.importer import import_folder
+
     _write_config(home, text)
-    proc = run_cli("import", str(tiny_model), "--name", "tiny", check=2)
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {home / 'config.toml'}")
-    assert message in proc.stderr
+    with pytest.raises(BadInput) as refused:
+        import_folder(Registry(), tiny_model, "tiny")
+    err = str(refused.value)
+    assert "\n" not in err and err.startswith(f"{home / 'config.toml'}") and message in err, err
 
 
 def test_registry_config_names_the_file(home, tiny_model, tmp_path):
     missing = tmp_path / "nope.toml"
     proc = run_cli("import", str(tiny_model), "--name", "tiny", env={"REGISTRY_CONFIG": str(missing)}, check=2)
     assert f"REGISTRY_CONFIG names {missing}, which does not exist" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
