@@ -32,6 +32,7 @@ from ..config import load_worker_config
 from ..db import db_now
 from ..errors import BadInput
 from ..models import Artifact, Tag, Trigger
+from ..schema import KINDS
 from . import triggers
 from .options import ConfigErrors, check_keys, duration, string, string_list
 from .service import Service
@@ -43,14 +44,13 @@ RECENT_SECONDS = 120.0
 SCAN_LIMIT = 1000
 DEFAULT_EVERY = 10.0
 # Kept in step with registry.quantize (BITS, QuantizeOptions; tests/test_daemon_pipelines.py checks): that
-# module imports torch, which the daemon process should not load. The worker builds QuantizeOptions again.
+# module imports torch (through registry.st), which the daemon process should not load. The worker builds QuantizeOptions again.
 BITS = (2, 3, 4, 8)
 QUANTIZE_DEFAULTS: dict[str, Any] = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True,
                                      "calibration": None, "samples": None, "seq_len": 512, "device": "auto",
                                      "seed": 0, "evaluate": True, "max_ppl_ratio": 1.5}
 MERGE_DEFAULTS: dict[str, Any] = {"dtype": "auto", "check": False, "force": False, "allow_pickle": False}
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-KINDS = ("base", "adapter", "merged", "quantized", "checkpoint")
 QUANTIZABLE = ("base", "merged", "checkpoint")
 TEMPLATE_FIELDS = ("name", "base", "rule", "bits")
 

@@ -57,29 +57,27 @@ class ScheduleConfig:
         return [s for s in (self.scrub, self.gc, self.prune) if s is not None]
 
 
+# Each table's keys beyond `every` and `enabled`: name -> (default, parser).
+_PARAMS: dict[str, dict[str, tuple[float, Any]]] = {
+    "scrub": {"bandwidth": (DEFAULT_BANDWIDTH, byte_rate)},
+    "gc": {},
+    "prune": {"older_than": (DEFAULT_OLDER_THAN, duration)},
+}
+
+
 def parse_schedules(tables: dict[str, Any], problems: list[str]) -> ScheduleConfig:
     """The schedules from daemon.toml's [scrub], [gc] and [prune] tables (each optional); appends problems."""
     config = ScheduleConfig()
-    if "scrub" in tables:
-        t = check_keys(tables["scrub"], ("every", "bandwidth", "enabled"), "scrub", problems)
-        if _enabled(t, "scrub", problems):
-            config.scrub = Schedule("scrub", duration(t.get("every", DEFAULT_EVERY), "scrub.every", problems),
-                                    {"bandwidth": byte_rate(t.get("bandwidth", DEFAULT_BANDWIDTH),
-                                                            "scrub.bandwidth", problems)})
-        else:
-            config.scrub = None
-    if "gc" in tables:
-        t = check_keys(tables["gc"], ("every", "enabled"), "gc", problems)
-        if _enabled(t, "gc", problems):
-            config.gc = Schedule("gc", duration(t.get("every", DEFAULT_EVERY), "gc.every", problems))
-    if "prune" in tables:
-        t = check_keys(tables["prune"], ("every", "older_than", "enabled"), "prune", problems)
-        if _enabled(t, "prune", problems):
-            config.prune = Schedule("prune", duration(t.get("every", DEFAULT_EVERY), "prune.every", problems),
-                                    {"older_than": duration(t.get("older_than", DEFAULT_OLDER_THAN),
-                                                            "prune.older_than", problems)})
-        else:
-            config.prune = None
+    for name, extra in _PARAMS.items():
+        if name not in tables:
+            continue
+        t = check_keys(tables[name], ("every", "enabled", *extra), name, problems)
+        schedule = None
+        if _enabled(t, name, problems):
+            params = {key: parse(t.get(key, default), f"{name}.{key}", problems)
+                      for key, (default, parse) in extra.items()}
+            schedule = Schedule(name, duration(t.get("every", DEFAULT_EVERY), f"{name}.every", problems), params)
+        setattr(config, name, schedule)
     return config
 
 
