@@ -106,8 +106,9 @@ def check_kind(kind: str) -> str:
 
 def record_event(session: Session, event_kind: str, artifact_id: int | None = None, job_id: int | None = None,
                  **detail: Any) -> None:
-    """Append one event to the log."""
-    session.add(Event(kind=event_kind, artifact_id=artifact_id, job_id=job_id, detail=detail))
+    """Append one event to the log, naming who did it when the session says (the server sets "actor")."""
+    session.add(Event(kind=event_kind, artifact_id=artifact_id, job_id=job_id, detail=detail,
+                      actor=session.info.get("actor")))
 
 
 def resolve(session: Session, ref: str) -> Artifact:
@@ -301,8 +302,8 @@ def details(session: Session, artifact: Artifact) -> dict[str, Any]:
         "lineage": lineage(session, artifact),
         "jobs": [{"id": j.id, "type": j.type, "state": j.state,
                   "finished_at": j.finished_at and j.finished_at.isoformat() + "Z"} for j in jobs],
-        "events": [{"at": e.at.isoformat() + "Z", "kind": e.kind, "job_id": e.job_id, "detail": e.detail}
-                   for e in events],
+        "events": [{"at": e.at.isoformat() + "Z", "kind": e.kind, "job_id": e.job_id, "actor": e.actor,
+                    "detail": e.detail} for e in events],
     }
 
 

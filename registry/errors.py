@@ -1,6 +1,7 @@
 """Every error the registry raises on purpose, each carrying the exit code the CLI returns.
 
-Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found, 130 interrupted (Ctrl-C).
+Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found, 4 not allowed (a catalog server refused
+the token), 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+EXIT_FORBIDDEN = 4  # a catalog server (REGISTRY_URL) refused the token: missing, unknown, revoked, or its role
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C, or `registry worker` stopped by a second signal
 
 
@@ -43,6 +45,16 @@ class NotFound(RegistryError):
     exit_code = EXIT_NOT_FOUND
 
 
+class Forbidden(RegistryError):
+    """The token's role does not allow this (HTTP 403 from `registry serve`)."""
+
+    exit_code = EXIT_FORBIDDEN
+
+
+class Unauthorized(Forbidden):
+    """No token, or one the server does not know or has revoked (HTTP 401)."""
+
+
 class DatabaseLocked(OperationFailed):
     """Another process held the database lock for longer than the busy timeout."""
 
@@ -76,5 +88,5 @@ class LeaseLost(OperationFailed):
 
 def error_for(exit_code: int | None, message: str) -> RegistryError:
     """Rebuild an error from a recorded job's exit code and message (for jobs run elsewhere)."""
-    cls = {EXIT_USAGE: BadInput, EXIT_NOT_FOUND: NotFound}.get(exit_code or EXIT_FAILED, OperationFailed)
+    cls = {EXIT_USAGE: BadInput, EXIT_NOT_FOUND: NotFound, EXIT_FORBIDDEN: Forbidden}.get(exit_code or EXIT_FAILED, OperationFailed)
     return cls(message)

@@ -147,8 +147,8 @@ class FastCatalog:
             "lineage": {"parents": side("child_id", "parent_id"), "children": side("parent_id", "child_id")},
             "jobs": [{"id": j["id"], "type": j["type"], "state": j["state"],
                       "finished_at": j["finished_at"] and _iso(j["finished_at"])} for j in jobs],
-            "events": [{"at": _iso(e["at"]), "kind": e["kind"], "job_id": e["job_id"], "detail": _json(e["detail"])}
-                       for e in events],
+            "events": [{"at": _iso(e["at"]), "kind": e["kind"], "job_id": e["job_id"], "actor": e["actor"],
+                        "detail": _json(e["detail"])} for e in events],
         }
         self.conn.commit()
         return data

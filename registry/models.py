@@ -7,7 +7,8 @@ from typing import Any, Optional
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from .schema import JOB_STATES, KINDS, ROLES, STATUSES, UNFINISHED_STATES  # noqa: F401  (kept importable here)
+from .schema import (JOB_STATES, KINDS, ROLES, STATUSES, TOKEN_ROLES,  # noqa: F401  (kept importable here)
+                     UNFINISHED_STATES)
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -168,3 +169,24 @@ class Event(Base):
     artifact_id: Mapped[Optional[int]] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"), index=True)
     job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Who did it through `registry serve`: "token:NAME" or "anonymous"; None for the CLI and workers on this host.
+    actor: Mapped[Optional[str]] = mapped_column(String(255))
+
+
+class Token(Base):
+    """An API token for `registry serve`. Only the sha256 of the secret is kept: a leaked database dump grants
+    nothing. A name is unique among live tokens; a revoked token keeps its row (events name it) and frees it."""
+    __tablename__ = "tokens"
+    __table_args__ = (
+        Index("uq_tokens_live_name", "name", unique=True,
+              sqlite_where=text("revoked_at IS NULL"), postgresql_where=text("revoked_at IS NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))  # read, write or admin (schema.TOKEN_ROLES)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the whole secret
+    prefix: Mapped[str] = mapped_column(String(12))  # the secret's first characters after "rgt_", to tell them apart
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_used_at: Mapped[Optional[datetime]] = mapped_column(DateTime)
+    revoked_at: Mapped[Optional[datetime]] = mapped_column(DateTime)

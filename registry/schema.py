@@ -16,11 +16,14 @@ ROLES = ("base", "adapter", "calibration", "source")
 JOB_TYPES = ("import", "verify", "pull", "merge", "quantize", "repair", "scrub", "gc", "prune")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 UNFINISHED_STATES = ("queued", "running")
+# What a `registry serve` token may do, each role including the ones before it: read browses and downloads,
+# write also submits jobs and tags, admin also manages tokens and removes artifacts.
+TOKEN_ROLES = ("read", "write", "admin")
 DEFAULT_LEASE_SECONDS = 60  # how long a claimed job stays its worker's without a heartbeat (`worker --lease`)
 
 # The newest migration; a test checks it against Alembic. Knowing it here lets every command check the schema
 # with one query instead of importing Alembic (about 0.1 s of start-up).
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 
 
 def stored_dedup_key(type: str, dedup_key: str) -> str:

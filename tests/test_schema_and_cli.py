@@ -68,7 +68,8 @@ def test_init_reports_home(tmp_path, home):
 
 
 COMMANDS = ["init", "import", "pull", "merge", "quantize", "generate", "list", "show", "verify", "manifest",
-            "export", "path", "tag", "rm", "gc", "jobs", "job", "cancel", "worker", "fsck", "repair", "link", "daemon"]
+            "export", "path", "tag", "rm", "gc", "jobs", "job", "cancel", "worker", "fsck", "repair", "link", "daemon",
+            "serve", "token"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

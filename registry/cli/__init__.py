@@ -33,7 +33,8 @@ _debug = False  # set by `registry --debug`; main() then prints the traceback of
 def cli(ctx: click.Context, home: str | None, database_url: str | None, debug: bool) -> None:
     """A registry for LLM weights: SHA-256 manifests, lineage, verification and jobs.
 
-    Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found, 130 interrupted (Ctrl-C).
+    Exit codes: 0 ok, 1 operation failed, 2 usage or bad input, 3 not found, 4 not allowed (a server
+    refused the token), 130 interrupted (Ctrl-C).
     """
     global _debug
     _debug = debug
@@ -134,4 +135,4 @@ def _lower_first(message: str) -> str:
     return message[0].lower() + message[1:] if message[:2].istitle() else message
 
 
-from . import artifacts, daemon, integrity, jobs, transform  # noqa: E402,F401  (each registers its commands on `cli`)
+from . import artifacts, daemon, integrity, jobs, serve, tokens, transform  # noqa: E402,F401  (each registers its commands on `cli`)

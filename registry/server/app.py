@@ -1,0 +1,134 @@
+"""The catalog server's FastAPI application: routers, the one JSON error shape, the OpenAPI document.
+
+Three routers over the same catalog and store: the registry's own JSON API under /v1 (api.py), the web page
+(web.py) and the Hugging Face compatible endpoint at the root (hf.py), which comes last because its
+`/{namespace}/{name}/resolve/...` routes would otherwise match paths of the others.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import (EXIT_FAILED, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_USAGE, BadInput, Conflict, DatabaseLocked,
+                      DatabaseUnavailable, Forbidden, NotFound, RegistryError, Unauthorized)
+from .auth import LoginRequired, need
+
+log = logging.getLogger("registry.server")
+STATIC_DIR = Path(__file__).parent / "static"
+
+# HTTP status and error code for each error class (the most specific first); exit_code travels with them so the
+# CLI against a server (REGISTRY_URL) exits as it would locally.
+_STATUS: list[tuple[type[RegistryError], int, str]] = [
+    (Unauthorized, 401, "unauthorized"),
+    (Forbidden, 403, "forbidden"),
+    (NotFound, 404, "not_found"),
+    (Conflict, 409, "conflict"),
+    (BadInput, 422, "bad_input"),
+    (DatabaseUnavailable, 503, "failed"),
+    (DatabaseLocked, 503, "failed"),
+    (RegistryError, 409, "failed"),  # the operation ran but could not succeed (a corrupt artifact, a failed job)
+]
+
+
+def error_body(code: str, message: str, exit_code: int) -> dict[str, Any]:
+    """The one JSON error shape of every /v1 route (and of auth failures anywhere)."""
+    return {"error": {"code": code, "message": message, "exit_code": exit_code}}
+
+
+def error_response(exc: RegistryError) -> JSONResponse:
+    status, code = next((s, c) for cls, s, c in _STATUS if isinstance(exc, cls))
+    headers = {"WWW-Authenticate": 'Bearer realm="registry"'} if status == 401 else None
+    return JSONResponse(error_body(code, _one_line(str(exc)), exc.exit_code), status_code=status, headers=headers)
+
+
+def _one_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[0] if lines else "error"
+
+
+async def _registry_error(request: Request, exc: RegistryError):
+    if isinstance(exc, LoginRequired):  # a page: the login form (with 401), not JSON
+        from .web import login_response
+
+        return login_response(request, str(exc))
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
+    message = f"{where}: {first.get('msg', 'invalid value')}"
+    return JSONResponse(error_body("bad_input", message, EXIT_USAGE), status_code=422)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    code = {404: "not_found", 405: "bad_input"}.get(exc.status_code, "failed")
+    exit_code = {404: EXIT_NOT_FOUND, 405: EXIT_USAGE}.get(exc.status_code, EXIT_FAILED)
+    message = "no such route; see /docs" if exc.status_code == 404 else str(exc.detail)
+    return JSONResponse(error_body(code, message, exit_code), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _unexpected(request: Request, exc: Exception):
+    # A bug: the traceback goes to the server log (never a token: requests are not logged with their headers).
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body("internal", f"internal error ({type(exc).__name__}); see the server log",
+                                   EXIT_FAILED), status_code=500)
+
+
+def create_app(reg, allow_anonymous_read: bool = False) -> FastAPI:
+    """The catalog server for a Registry. `allow_anonymous_read`: browsing and downloading need no token."""
+    from . import api, hf, web
+
+    app = FastAPI(title="registry", summary="A model artifact registry: the team catalog and an HF-compatible "
+                  "endpoint", version=_version(), openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.reg = reg
+    app.state.anonymous = allow_anonymous_read
+    app.add_exception_handler(RegistryError, _registry_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    if hasattr(hf, "HFError"):  # the HF endpoint answers in the Hub's error format (X-Error-Code headers)
+        app.add_exception_handler(hf.HFError, hf.handle_error)
+
+    # The API description needs a token like everything else: it is the route table.
+    @app.get("/openapi.json", include_in_schema=False, **need("read"))
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, **need("read", page=True))
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="registry API")
+
+    for module in (api, web, hf):
+        for router in getattr(module, "routers", [module.router]):
+            app.include_router(router)
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("registry")
+    except PackageNotFoundError:
+        return "0"
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory for `registry serve --workers N` (each worker process builds its own app)."""
+    from ..core import Registry
+
+    reg = Registry(os.environ.get("REGISTRY_HOME") or None, os.environ.get("REGISTRY_DATABASE_URL") or None)
+    return create_app(reg, allow_anonymous_read=os.environ.get("REGISTRY_SERVE_ANONYMOUS_READ") == "1")

@@ -1,0 +1,124 @@
+"""Who is calling: a bearer token (or the web login's cookie), its role, and sessions that record the caller.
+
+Every route declares the role it needs with `need(role)`, which both checks it and writes it into the OpenAPI
+operation (`x-registry-role`), so the auth tests can walk the route table: a route without it is a test failure,
+unless its path is one of PUBLIC_PATHS.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterator
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from ..errors import Forbidden, Unauthorized
+
+ROLE_KEY = "x-registry-role"
+COOKIE = "registry_token"  # set by the web login (web.py); HttpOnly, SameSite=Strict
+# Reachable without a token: the health check (load balancers, compose), the login page and its assets.
+PUBLIC_PATHS = ("/v1/health", "/login", "/logout", "/static")
+TOUCH_EVERY = timedelta(seconds=60)  # how stale a token's last_used_at may get before a request updates it
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller of one request: a token's name and role, or anonymous (read only)."""
+
+    token: str | None
+    role: str
+
+    @property
+    def actor(self) -> str:
+        """What events record as the one who did it (never the secret)."""
+        return f"token:{self.token}" if self.token else "anonymous"
+
+
+class LoginRequired(Unauthorized):
+    """A page (not an API route) was asked for without a valid token: answer with the login form."""
+
+
+def bearer_secret(request: Request) -> str | None:
+    """The token a request carries: `Authorization: Bearer <token>` (what HF clients send), else the login cookie.
+    A malformed Authorization header counts as a wrong token (""), not as no token."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.strip().partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else ""
+    return request.cookies.get(COOKIE)
+
+
+def authenticate(request: Request) -> Caller | None:
+    """The caller of this request, or None when it has no token and anonymous reading is off.
+
+    A token that is given but unknown or revoked is refused even when anonymous reading is on: a client that
+    sends a stale token should learn so rather than silently get less."""
+    from .. import tokens
+
+    secret = bearer_secret(request)
+    if secret is None:
+        return Caller(None, "read") if request.app.state.anonymous else None
+    if not secret:
+        raise Unauthorized("malformed Authorization header; send 'Authorization: Bearer <token>'")
+    reg = request.app.state.reg
+    with reg.read_session() as s:
+        info = tokens.authenticate(s, secret)
+    if info is None:
+        raise Unauthorized("unknown or revoked token; create one with `registry token create NAME --role read`")
+    if info.last_used_at is None or _now() - info.last_used_at > TOUCH_EVERY:
+        with reg.session() as s:  # at most one write a minute per token, not one per request
+            tokens.mark_used(s, info.id)
+    return Caller(info.name, info.role)
+
+
+def _now():
+    from ..models import utcnow
+
+    return utcnow()
+
+
+def need(role: str, page: bool = False) -> dict[str, Any]:
+    """Keyword arguments for a route decorator: `@router.get(path, **need("read"))`.
+
+    Checks the caller has at least `role` (read < write < admin): no token or an unknown/revoked one is 401
+    (`page=True`: the login form with 401), a lower role 403."""
+    from ..tokens import role_allows
+
+    def check(request: Request) -> Caller:
+        try:
+            caller = authenticate(request)
+        except Unauthorized as exc:
+            raise (LoginRequired(str(exc)) if page else exc) from None
+        if caller is None:
+            message = "this server needs a token: send 'Authorization: Bearer <token>' (HF clients: set HF_TOKEN)"
+            raise LoginRequired(message) if page else Unauthorized(message)
+        if not role_allows(caller.role, role):
+            who = f"token {caller.token!r}" if caller.token else "anonymous access"
+            raise Forbidden(f"this needs a {role} token; {who} has the {caller.role} role")
+        request.state.caller = caller
+        return caller
+
+    return {"dependencies": [Depends(check)], "openapi_extra": {ROLE_KEY: role}}
+
+
+def current_caller(request: Request) -> Caller:
+    """The caller `need()` authenticated (use as `caller: Caller = Depends(current_caller)`)."""
+    caller = getattr(request.state, "caller", None)
+    if caller is None:  # a public route: whoever it is, it is not authenticated
+        return Caller(None, "read")
+    return caller
+
+
+@contextlib.contextmanager
+def session_for(request: Request, write: bool = False) -> Iterator[Session]:
+    """A catalog session for this request; events it records name the caller (`events.actor`)."""
+    reg = request.app.state.reg
+    if not write:
+        with reg.read_session() as s:
+            yield s
+        return
+    with reg.session() as s:
+        s.info["actor"] = current_caller(request).actor
+        yield s
