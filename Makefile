@@ -8,13 +8,13 @@ DEMO_HOME ?= demo-home
 
 OLAH_VENV ?= .olah-venv
 
-.PHONY: venv test demo bench-verify bench-pull bench-merge bench-quantize bench-startup bench-daemon clean services test-deps
+.PHONY: venv test demo bench-verify bench-pull bench-merge bench-quantize bench-startup bench-daemon bench-serve clean services test-deps
 
 $(BIN)/registry: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[test,gptq]'
+	$(BIN)/pip install -q -e '.[test,gptq,serve]'
 	touch $(BIN)/registry
 
 venv: $(BIN)/registry
@@ -34,6 +34,10 @@ test-deps: $(OLAH_VENV)/bin/olah-cli
 	  (echo "install git-lfs for the LFS pull test" >&2; exit 1)
 	command -v strace >/dev/null || (apt-get update -q && apt-get install -y -q strace) || \
 	  (echo "install strace for the fsync test" >&2; exit 1)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) || \
+	  (echo "install chromium for the web page tests" >&2; exit 1)
+	command -v docker-compose >/dev/null || (apt-get update -q && apt-get install -y -q docker-compose) || \
+	  (echo "install docker-compose to validate docker-compose.yml" >&2; exit 1)
 
 # GPTQModel wants to know how many CPU workers it may use; a 2-core machine needs 2.
 test: venv test-deps services
@@ -69,6 +73,11 @@ bench-startup: venv
 # Idle CPU, job pickup latency and 1,000 jobs through `registry daemon --workers 4`, on SQLite and PostgreSQL.
 bench-daemon: venv services
 	$(BIN)/python bench/daemon.py
+
+# `registry serve` against a static file server (snapshot_download of a 2 GiB model), 16 clients at once, and API
+# latency at 10,000 artifacts on SQLite and PostgreSQL.
+bench-serve: venv services
+	$(BIN)/python bench/serve.py --backend both
 
 clean:
 	rm -rf $(VENV) $(OLAH_VENV) $(DEMO_HOME) demo-model demo-export bench/out

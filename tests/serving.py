@@ -26,6 +26,7 @@ def serve_in_thread(reg: Registry | None = None, anonymous: bool = False) -> Ite
     app = create_app(reg, allow_anonymous_read=anonymous)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as registry serve does (cli/serve.py says why)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

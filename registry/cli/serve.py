@@ -7,7 +7,7 @@ import socket
 
 import click
 
-from ..errors import BadInput
+from ..errors import BadInput, OperationFailed
 from . import cli
 from .common import _reg, int_range
 
@@ -56,8 +56,25 @@ def serve(host: str, port: int, allow_anonymous_read: bool, workers: int, log_le
     where = "" if allow_anonymous_read else "; every request needs a token (registry token create NAME --role read)"
     click.echo(f"serving {reg.home} on http://{host}:{port} (API docs at /docs){where}", err=True)
     extra = {"forwarded_allow_ips": forwarded_allow_ips, "proxy_headers": True} if forwarded_allow_ips else {}
-    uvicorn.run("registry.server.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, server_header=False, **extra)
+    config = uvicorn.Config("registry.server.app:app_from_env", factory=True, host=host, port=port,
+                            workers=workers, log_level=log_level, server_header=False, **extra)
+    # uvicorn's own socket has protocol 0, so asyncio leaves Nagle on and every small response waits ~40 ms for
+    # the client's delayed ACK; accepted connections inherit TCP_NODELAY from the listening socket.
+    sock = config.bind_socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            config.load_app()
+            server = uvicorn.Server(config)
+            server.run(sockets=[sock])
+            if not server.started:
+                raise OperationFailed("the server did not start; the lines above say why")
+    except KeyboardInterrupt:
+        pass
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -85,12 +85,32 @@ async def _unexpected(request: Request, exc: Exception):
                                    EXIT_FAILED), status_code=500)
 
 
+class RefuseNul:
+    """Answer 422 to a request whose path or query holds a NUL character, before any route sees it: PostgreSQL
+    refuses NUL in text (a 500 otherwise), and no name, tag, path or search term can hold one.
+
+    Plain ASGI, not BaseHTTPMiddleware, which would pass every streamed download through a memory queue."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and ("\x00" in scope["path"] or "%00" in scope.get("query_string", b"").decode(
+                "latin-1") or b"\x00" in scope.get("query_string", b"")):
+            response = JSONResponse(error_body("bad_input", "the request's path or query holds a NUL character",
+                                               EXIT_USAGE), status_code=422)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(reg, allow_anonymous_read: bool = False) -> FastAPI:
     """The catalog server for a Registry. `allow_anonymous_read`: browsing and downloading need no token."""
     from . import api, hf, web
 
     app = FastAPI(title="registry", summary="A model artifact registry: the team catalog and an HF-compatible "
                   "endpoint", version=_version(), openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_middleware(RefuseNul)
     app.state.reg = reg
     app.state.anonymous = allow_anonymous_read
     app.add_exception_handler(RegistryError, _registry_error)

@@ -95,12 +95,18 @@ def need(role: str, page: bool = False) -> dict[str, Any]:
             message = "this server needs a token: send 'Authorization: Bearer <token>' (HF clients: set HF_TOKEN)"
             raise LoginRequired(message) if page else Unauthorized(message)
         if not role_allows(caller.role, role):
-            who = f"token {caller.token!r}" if caller.token else "anonymous access"
-            raise Forbidden(f"this needs a {role} token; {who} has the {caller.role} role")
+            if caller.token is None:  # anonymous reading is on, but this needs more: authenticate first (401)
+                message = f"this needs {_a(role)} token: send 'Authorization: Bearer <token>'"
+                raise LoginRequired(message) if page else Unauthorized(message)
+            raise Forbidden(f"this needs {_a(role)} token; token {caller.token!r} has the {caller.role} role")
         request.state.caller = caller
         return caller
 
     return {"dependencies": [Depends(check)], "openapi_extra": {ROLE_KEY: role}}
+
+
+def _a(role: str) -> str:
+    return f"an {role}" if role[0] in "aeiou" else f"a {role}"
 
 
 def current_caller(request: Request) -> Caller:
