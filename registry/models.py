@@ -34,6 +34,7 @@ class Artifact(Base):
         # A name is unique among live artifacts; a deleted one frees its name.
         Index("uq_artifacts_live_name", "name", unique=True,
               sqlite_where=text("status != 'deleted'"), postgresql_where=text("status != 'deleted'")),
+        Index("ix_artifacts_created_at_id", "created_at", "id"),  # listings: newest first
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -1,5 +1,6 @@
 """tokens and event actors: `registry serve` authenticates requests with tokens (only their sha256 is stored)
-and records in each event which token (or anonymous reader) did it
+and records in each event which token (or anonymous reader) did it; artifacts are indexed in listing order
+(newest first), so the catalog's first page at 10,000 artifacts is an index scan, not a sort
 
 Revision ID: 0006
 Revises: 0005
@@ -41,10 +42,14 @@ def upgrade() -> None:
                               sqlite_where=sa.text(LIVE), postgresql_where=sa.text(LIVE))
     with op.batch_alter_table('events', schema=None) as batch_op:
         batch_op.add_column(sa.Column('actor', sa.String(length=255), nullable=True))
+    with op.batch_alter_table('artifacts', schema=None) as batch_op:
+        batch_op.create_index('ix_artifacts_created_at_id', ['created_at', 'id'], unique=False)
 
 
 def downgrade() -> None:
     """Downgrade schema."""
+    with op.batch_alter_table('artifacts', schema=None) as batch_op:
+        batch_op.drop_index('ix_artifacts_created_at_id')
     with op.batch_alter_table('events', schema=None) as batch_op:
         batch_op.drop_column('actor')
     with op.batch_alter_table('tokens', schema=None) as batch_op:

@@ -1,0 +1,174 @@
+"""Job requests as library calls: the params and dedup key of a pull, verify, merge, quantize or repair job.
+
+The CLI (which runs the job or queues it with --detach) and the server's POST /v1/jobs both build their jobs
+here, so the same request from either makes the same params and dedup key and attaches to the same job.
+Each function refuses what the catalog can refuse at once (a bad ref, a name that is a tag, a corrupt input,
+an untrusted endpoint), so no doomed job is queued. Nothing here imports torch.
+
+Options that name a path on this host (quantize's calibration file, repair's source folder) are keyword-only:
+the CLI passes them, the server never does (a remote client cannot name files on the server).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from .errors import BadInput
+from .schema import KINDS
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from .core import Registry
+    from .models import Job
+
+# quantize.BITS and the choices of `registry quantize --device` (registry.quantize imports torch, so they are
+# repeated here; tests/test_serve_api.py checks they agree).
+QUANTIZE_BITS = (2, 3, 4, 8)
+QUANTIZE_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What to queue: a job type, its params (JSON) and the dedup key that makes identical requests one job."""
+
+    type: str
+    params: dict[str, Any]
+    dedup_key: str
+
+    def enqueue(self, session: Session) -> tuple[Job, bool]:
+        """Queue it in `session` (or find the identical unfinished job): (job, created)."""
+        from . import jobs
+
+        return jobs.enqueue(session, self.type, self.params, self.dedup_key)
+
+
+def pull_request(reg: Registry, repo: str, include: Iterable[str] = (), exclude: Iterable[str] = (),
+                 endpoint: str | None = None, name: str | None = None, kind: str | None = None, workers: int = 8,
+                 tags: Iterable[str] = ()) -> JobRequest:
+    """A pull of REPO_ID[@REVISION]: resolves the revision to a commit now (one request to the endpoint), so the
+    job downloads exactly that commit, and checks the names and tags the result would get.
+
+    `endpoint` (default: HF_ENDPOINT, else the public hub) must be one this host trusts (hub.token_for: the
+    public hub, HF_ENDPOINT, the worker config's [[endpoints]], or one the CLI user named on the command line
+    via hub.trust_for_session): anything else is UntrustedEndpoint (bad input). The token stays out of params.
+    """
+    from . import catalog, hub
+    from .config import load_worker_config
+    from .pull import check_pull
+
+    repo_id, revision = hub.parse_repo_ref(repo)
+    include, exclude, tags = list(include), list(exclude), list(tags)
+    for t in tags:  # syntax only, before any request; clashes with names are checked once the commit is known
+        catalog.check_name(t, "tag")
+    if kind is not None and kind not in KINDS:
+        raise BadInput(f"unknown kind {kind!r}; use one of: {', '.join(KINDS)}")
+    if not 1 <= workers <= 64:
+        raise BadInput(f"workers {workers} is out of range; use 1 to 64 parallel downloads")
+    url = hub.endpoint_url(endpoint)
+    commit = hub.resolve_commit(url, repo_id, revision, hub.token_for(load_worker_config(reg.home), url))
+    check_pull(reg, repo_id, revision, commit, name, include, exclude, tags)  # queue no doomed job
+    # No token and no token file in params: anyone who can queue a job can read (and write) them.
+    params = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": url,
+              "include": sorted(include), "exclude": sorted(exclude), "name": name, "kind": kind,
+              "workers": workers, "tags": sorted(set(tags))}
+    # The revision and tags are in the key: a pull that attached to another's job would not get its own tags.
+    key = "pull:" + "|".join(str(params[k]) for k in ("endpoint", "repo_id", "commit", "include", "exclude",
+                                                       "name", "kind", "revision", "tags"))
+    return JobRequest("pull", params, key)
+
+
+def verify_params(ids: list[int], all_: bool, quick: bool) -> tuple[dict, str]:
+    """A verify job's params and dedup key for resolved artifact ids (fastread's quick verify builds its own
+    finished job with these)."""
+    key = f"verify:{'all' if all_ else ','.join(map(str, ids))}:{quick}"
+    return {"artifact_ids": ids, "all": all_, "quick": quick}, key
+
+
+def verify_request(reg: Registry, refs: Iterable[str] = (), all_: bool = False, quick: bool = False) -> JobRequest:
+    """Re-hash the named artifacts (or all of them). Refs are resolved now: the job names artifacts by id, not
+    by a tag or digest prefix that may move."""
+    from . import catalog
+
+    refs = list(refs)
+    if not refs and not all_:
+        raise BadInput("name at least one artifact to verify, or pass --all")
+    with reg.read_session() as s:
+        ids = sorted({catalog.resolve(s, r).id for r in refs})
+    return JobRequest("verify", *verify_params(ids, all_, quick))
+
+
+def merge_request(reg: Registry, base: str, adapter: str, name: str | None = None, dtype: str = "auto",
+                  check: bool = False, force: bool = False, allow_pickle: bool = False) -> JobRequest:
+    """Fuse ADAPTER into BASE. Everything the catalog alone decides (refs, kinds, the adapter's base, the
+    result's name, the dtype) is refused now, without importing torch (merge.check_request)."""
+    from .merge import check_request
+
+    with reg.read_session() as s:
+        base_a, adapter_a, _ = check_request(s, base, adapter, name, dtype, force)
+        base_id, adapter_id = base_a.id, adapter_a.id
+    params = {"base_id": base_id, "adapter_id": adapter_id, "name": name, "dtype": dtype, "check": check,
+              "force": force, "allow_pickle": allow_pickle}
+    return JobRequest("merge", params, "merge:" + "|".join(str(params[k]) for k in sorted(params)))
+
+
+def quantize_request(reg: Registry, ref: str, bits: int = 4, group_size: int = 128, desc_act: bool = False,
+                     sym: bool = True, samples: int | None = None, seq_len: int = 512, seed: int = 0,
+                     device: str = "auto", evaluate: bool = True, max_ppl_ratio: float = 1.5,
+                     name: str | None = None, *, calibration: str | None = None) -> JobRequest:
+    """GPTQ-quantize REF. `calibration` (a file on this host) is for the CLI only. Options the worker would
+    refuse without looking at the weights are refused now; a group size that does not divide the layers is
+    found by the job (it reads the safetensors headers)."""
+    from . import catalog
+
+    _check_quantize_options(bits, group_size, samples, seq_len, device, max_ppl_ratio)
+    with reg.read_session() as s:
+        source = catalog.require_usable(catalog.resolve(s, ref))
+        if source.kind == "adapter":
+            raise BadInput(f"{source.name} is an adapter; merge it into its base first (registry merge), "
+                           "then quantize the merged model")
+        if source.kind == "quantized" or "quantization_config" in (source.meta or {}):
+            raise BadInput(f"{source.name} is already quantized; quantize its full-precision source instead")
+        source_id = source.id
+        catalog.check_new_name(s, name or catalog.quantized_name(source.name, bits))  # queue no doomed job
+    options = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "samples": samples,
+               "calibration": calibration and str(Path(calibration).absolute()), "seq_len": seq_len,
+               "device": device, "seed": seed, "evaluate": evaluate, "max_ppl_ratio": max_ppl_ratio}
+    params = {"source_id": source_id, "name": name, "options": options}
+    return JobRequest("quantize", params, "quantize:" + json.dumps(params, sort_keys=True))
+
+
+def _check_quantize_options(bits: int, group_size: int, samples: int | None, seq_len: int, device: str,
+                            max_ppl_ratio: float) -> None:
+    """The checks quantize.check_source makes on the options alone, with the CLI's wording."""
+    if bits not in QUANTIZE_BITS:
+        raise BadInput(f"--bits {bits} is not supported; use one of {', '.join(map(str, QUANTIZE_BITS))}")
+    if group_size < 1 and group_size != -1:
+        raise BadInput(f"--group-size {group_size} is not valid; use a positive divisor of the layers' input "
+                       "features (e.g. 32, 64, 128) or -1 for none")
+    if (samples is not None and samples < 1) or seq_len < 8:
+        raise BadInput("--samples must be at least 1 and --seq-len at least 8")
+    if device not in QUANTIZE_DEVICES:
+        raise BadInput(f"unknown device {device!r}; use auto, cpu or cuda")
+    if not max_ppl_ratio > 0:
+        raise BadInput(f"--max-ppl-ratio {max_ppl_ratio} is not valid; give a number above 0")
+
+
+def repair_request(reg: Registry, ref: str, *, from_dir: str | None = None) -> JobRequest:
+    """Restore REF's damaged files from its source, or (CLI only) from `from_dir`, a folder on this host."""
+    from .repair import resolve_for_repair
+
+    params: dict[str, Any] = {}
+    if from_dir is not None:
+        folder = Path(from_dir).expanduser()
+        if not folder.is_dir():
+            raise BadInput(f"--from {from_dir}: {'not a folder' if folder.exists() else 'no such folder'}; give "
+                           "the folder that holds the artifact's files")
+        params["from_dir"] = str(folder.resolve())  # the job may run in a worker with another working folder
+    with reg.read_session() as s:  # resolve now: the job names the artifact by id, never by a movable ref
+        artifact = resolve_for_repair(s, ref)
+        params.update({"artifact_id": artifact.id, "name": artifact.name})
+    key = f"repair:{artifact.id}" + (f":from:{params['from_dir']}" if from_dir is not None else "")
+    return JobRequest("repair", params, key)
