@@ -13,6 +13,7 @@ from .config import TrustedEndpoint, WorkerConfig, normalize_endpoint
 from .errors import BadInput, NotFound, OperationFailed
 from .folder import check_relative_path
 
+PUBLIC_HUB = "https://huggingface.co"
 REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -129,7 +130,7 @@ def _ambient_endpoints() -> set[str]:
 
     env = os.environ.get("HF_ENDPOINT")
     # constants.ENDPOINT is HF_ENDPOINT when that was set at import; the public hub is always trusted.
-    return {normalize_endpoint(constants.ENDPOINT), normalize_endpoint("https://huggingface.co")} | (
+    return {normalize_endpoint(constants.ENDPOINT), normalize_endpoint(PUBLIC_HUB)} | (
         {normalize_endpoint(env)} if env else set())
 
 
@@ -166,8 +167,10 @@ def offline() -> bool:
 
 
 @contextlib.contextmanager
-def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
-    """Translate huggingface_hub's exceptions into one-line registry errors."""
+def hub_errors(repo_id: str, revision: str | None = None, endpoint: str | None = None,
+               token_sent: bool = False) -> Iterator[None]:
+    """Translate huggingface_hub's exceptions into one-line registry errors (naming `endpoint` unless it is
+    the public hub, and telling a missing token from a refused one)."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
@@ -183,7 +186,8 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
         raise NotFound(f"repo not found: {repo_id} (if it is private, give a token with HF_TOKEN "
                        "or --token-file)") from None
     except HfHubHTTPError as exc:
-        raise http_error(exc.response.status_code if exc.response is not None else None, where) from None
+        status = exc.response.status_code if exc.response is not None else None
+        raise http_error(status, where, endpoint, token_sent, server_message(exc.response)) from None
     except Exception as exc:
         if is_transport_error(exc):  # connection refused, DNS, timeouts
             raise OperationFailed(f"cannot reach the hub for {where}: {exc}") from None
@@ -195,16 +199,42 @@ def is_transport_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or any(c.__name__ == "TransportError" for c in type(exc).__mro__)
 
 
-def http_error(status: int | None, where: str) -> Exception:
-    """The registry error for an HTTP error status from the hub."""
+def http_error(status: int | None, where: str, endpoint: str | None = None, token_sent: bool = False,
+               said: str | None = None) -> Exception:
+    """The registry error for an HTTP error status from the hub (or the mirror or registry at `endpoint`);
+    `said`: the server's own one-line reason, when it gave one."""
+    public = endpoint is None or normalize_endpoint(endpoint) == normalize_endpoint(PUBLIC_HUB)
+    who = "the hub" if public else endpoint
+    reason = f" (it says: {said})" if said else ""
+    if status == 401 and token_sent:
+        return AccessDenied(f"{who} answered 401 for {where}: it does not accept the token (unknown, expired or "
+                            f"revoked){reason}")
     if status == 401:
-        return AccessDenied(f"the hub answered 401 for {where}: a token is needed "
+        return AccessDenied(f"{who} answered 401 for {where}: a token is needed "
                             "(set HF_TOKEN, use --token-file, or log in with `hf auth login`)")
     if status == 403:
-        return AccessDenied(f"the hub answered 403 for {where}: the token lacks access to it")
+        return AccessDenied(f"{who} answered 403 for {where}: the token lacks access to it{reason}")
     if status == 404:
-        return NotFound(f"not found on the hub: {where}")
-    return OperationFailed(f"the hub answered HTTP {status} for {where}; try again later")
+        return NotFound(f"not found on {who}: {where}")
+    return OperationFailed(f"{who} answered HTTP {status} for {where}; try again later")
+
+
+def server_message(response) -> str | None:
+    """The one-line reason an error response gives: the Hub's X-Error-Message header, else a JSON body's
+    error (a string, or the {"error": {"message"}} of `registry serve`'s /v1 shape); at most 200 characters."""
+    if response is None:
+        return None
+    said = response.headers.get("X-Error-Message")
+    if not said:
+        try:
+            error = response.json().get("error")
+        except Exception:  # not JSON, or a streamed body not read
+            return None
+        said = error.get("message") if isinstance(error, dict) else error
+    if not isinstance(said, str) or not said.strip():
+        return None
+    line = " ".join(said.split())
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _api(endpoint: str, token: str | None):
@@ -215,7 +245,7 @@ def _api(endpoint: str, token: str | None):
 
 def resolve_commit(endpoint: str, repo_id: str, revision: str, token: str | None) -> str:
     """The commit a branch, tag or commit id points at now."""
-    with hub_errors(repo_id, revision):
+    with hub_errors(repo_id, revision, endpoint, bool(token)):
         info = _api(endpoint, token).model_info(repo_id, revision=revision)
     if not info.sha:
         raise OperationFailed(f"the hub did not say which commit {repo_id}@{revision} is")
@@ -227,7 +257,7 @@ def list_files(endpoint: str, repo_id: str, commit: str, token: str | None,
     """Files of a commit with their sizes and expected digests, filtered by include/exclude globs."""
     from huggingface_hub.hf_api import RepoFile
 
-    with hub_errors(repo_id, commit):
+    with hub_errors(repo_id, commit, endpoint, bool(token)):
         entries = list(_api(endpoint, token).list_repo_tree(repo_id, revision=commit, recursive=True))
     files = []
     for entry in entries:

@@ -64,6 +64,7 @@ class Downloader:
         self.reg, self.endpoint, self.repo_id, self.commit = reg, endpoint, repo_id, commit
         self.reporter = reporter
         headers = {"user-agent": "registry/0.1"}
+        self.token_sent = bool(token)
         if token:
             headers["authorization"] = f"Bearer {token}"
         self.client = httpx.Client(follow_redirects=True, headers=headers,
@@ -179,7 +180,8 @@ class Downloader:
         self._check_aborted()
         with self.client.stream("GET", url, headers=headers) as resp, self._being_read(resp):
             if resp.status_code >= 400:
-                raise hub.http_error(resp.status_code, f"{self.repo_id}@{self.commit[:12]}: {f.path}")
+                raise hub.http_error(resp.status_code, f"{self.repo_id}@{self.commit[:12]}: {f.path}", self.endpoint,
+                                     self.token_sent, hub.server_message(resp))  # the header: the body is not read
             if offset and resp.status_code == 200:
                 raise _RangeIgnored()
             if resp.status_code == 206 and not resp.headers.get("content-range", "").startswith(f"bytes {offset}-"):

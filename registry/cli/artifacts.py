@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from .. import render
+from .. import remote, render
 from ..errors import BadInput
 from ..manifest import canonical_json, sha256sum_lines
 from ..schema import KINDS
 from . import cli
-from .common import (_reg, _result, _run, _trust_command_line_endpoint, _worker_config, detach_option, int_range,
-                     json_option)
+from . import remote as remote_cli
+from .common import _reg, _result, _run, _trust_command_line_endpoint, detach_option, int_range, json_option
 from .common import _fast_read, catalog  # catalog: imported on first use (common.py says why)
 
 
@@ -37,6 +37,8 @@ def import_(folder, name, kind, base, link, hf_cache, revision, cache_dir, detac
       registry import ./my-lora --name my-lora --base llama-7b
       registry import --hf-cache meta-llama/Llama-2-7b-hf
     """
+    if remote.configured():
+        remote_cli.refuse("registry import", "reads files on this machine, which the server cannot read")
     if hf_cache:
         if folder is not None:
             raise BadInput("give either a FOLDER or --hf-cache REPO_ID, not both")
@@ -85,11 +87,18 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, tags
       registry pull org/model --exclude '*.bin' --tag org/model:safetensors-only
       HF_ENDPOINT=https://mirror.example registry pull org/model
     """
+    if remote.configured():
+        remote_cli.refuse_host_path("--token-file", token_file)
+        _server_decides("--workers")
+        body = {"type": "pull", "repo": repo, "include": list(include), "exclude": list(exclude), "name": name,
+                "kind": kind, "tags": list(tags), "endpoint": endpoint}
+        return _pulled(remote_cli.run(body, detach, as_json), as_json)
     from .. import hub
-    from ..pull import check_pull, pull_offline
+    from ..pull import pull_offline
+    from ..submit import pull_request
 
     repo_id, revision = hub.parse_repo_ref(repo)
-    for t in tags:  # syntax only, before any request; clashes with names are checked once the commit is known
+    for t in tags:  # syntax only, before any request (offline too); pull_request checks them again
         catalog.check_name(t, "tag")
     if hub.offline():
         found = pull_offline(_reg(), repo_id, revision, list(include), list(exclude))
@@ -100,19 +109,25 @@ def pull(repo, include, exclude, endpoint, token_file, name, kind, workers, tags
     if detach and token_file:
         click.echo("warning: --token-file is used by this command only; the worker that runs the job uses the "
                    "token its own config.toml gives this endpoint", err=True)
-    commit = hub.resolve_commit(endpoint, repo_id, revision, hub.token_for(_worker_config(), endpoint))
-    check_pull(_reg(), repo_id, revision, commit, name, list(include), list(exclude), list(tags))  # queue no doomed job
-    # No token and no token file in params: anyone who can queue a job can read (and write) them.
-    params = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": endpoint,
-              "include": sorted(include), "exclude": sorted(exclude), "name": name, "kind": kind,
-              "workers": workers, "tags": sorted(set(tags))}
-    # The revision and tags are in the key: a pull that attached to another's job would not get its own tags.
-    key = "pull:" + "|".join(str(params[k]) for k in ("endpoint", "repo_id", "commit", "include", "exclude",
-                                                       "name", "kind", "revision", "tags"))
-    r = _result(_run("pull", params, key, detach, as_json), as_json)
+    req = pull_request(_reg(), repo, include, exclude, endpoint, name, kind, workers, tags)  # resolves the commit
+    _pulled(_run(req.type, req.params, req.dedup_key, detach, as_json), as_json)
+
+
+def _pulled(job, as_json: bool) -> None:
+    r = _result(job, as_json)
     if r is not None:
         click.echo(_pull_summary(r))
         render.linked_base(r["name"], r.get("linked"))  # pulled again: the adapter's base link was repaired
+
+
+def _server_decides(option: str) -> None:
+    """An option that a catalog server's workers set for themselves: said once, then ignored."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    param = next(p for p in ctx.command.params if option in p.opts)
+    if ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+        click.echo(f"warning: {option} is ignored with {remote.URL_ENV}: the server's workers decide it", err=True)
 
 
 def _files(n: int) -> str:
@@ -150,7 +165,10 @@ def list_(kind: str | None, deleted: bool, as_json: bool) -> None:
       registry list --kind adapter --json
       registry list --deleted
     """
-    items = _fast_read(lambda c: c.summaries(kind, deleted))  # SQLite without the ORM, when it can (fastread.py)
+    if remote.configured():
+        items = remote_cli.artifact_list(kind, deleted)
+    else:
+        items = _fast_read(lambda c: c.summaries(kind, deleted))  # SQLite without the ORM, when it can (fastread.py)
     if items is None:
         with _reg().read_session() as s:
             items = [catalog.summary(s, a) for a in catalog.list_artifacts(s, kind, deleted)]
@@ -170,7 +188,10 @@ def show(ref: str, as_json: bool) -> None:
       registry show llama-7b
       registry show sha256:1a2b3c4d --json
     """
-    data = _fast_read(lambda c: c.details(ref))  # SQLite without the ORM, when it can (fastread.py)
+    if remote.configured():
+        data = remote_cli.details(ref)
+    else:
+        data = _fast_read(lambda c: c.details(ref))  # SQLite without the ORM, when it can (fastread.py)
     if data is None:
         with _reg().session() as s:
             data = catalog.details(s, catalog.resolve(s, ref))
@@ -193,10 +214,14 @@ def manifest(ref: str, fmt: str, as_json: bool) -> None:
       cd ./out && registry manifest llama-7b --format sha256sum | sha256sum -c
       registry manifest llama-7b --json
     """
-    with _reg().session() as s:
-        artifact = catalog.resolve(s, ref)
-        data = catalog.artifact_manifest(artifact)
-        extra = {"digest": artifact.digest, "metadata": artifact.meta, "provenance": artifact.provenance}
+    if remote.configured():
+        extra = remote_cli.manifest(ref)
+        data = extra.pop("manifest")
+    else:
+        with _reg().session() as s:
+            artifact = catalog.resolve(s, ref)
+            data = catalog.artifact_manifest(artifact)
+            extra = {"digest": artifact.digest, "metadata": artifact.meta, "provenance": artifact.provenance}
     if as_json:
         render.emit_json({"manifest": data, **extra})
     elif fmt == "sha256sum":
@@ -222,6 +247,9 @@ def export(ref: str, dest: Path, copy: bool) -> None:
       registry export llama-7b ./llama-7b
       registry export llama-7b:prod /srv/models/llama --copy
     """
+    if remote.configured():
+        remote_cli.refuse("registry export", "writes from a local store; from a catalog server, download with "
+                          "`HF_ENDPOINT=$REGISTRY_URL HF_TOKEN=$REGISTRY_TOKEN hf download REPO --local-dir DEST`")
     from ..export import export_artifact
 
     click.echo(str(export_artifact(_reg(), ref, dest, copy)))
@@ -242,6 +270,9 @@ def path(ref: str, as_json: bool) -> None:
       python -c "from transformers import AutoModel; AutoModel.from_pretrained('$(registry path llama-7b)')"
       registry path llama-7b --json
     """
+    if remote.configured():
+        remote_cli.refuse("registry path", "names a folder in a local store; from a catalog server, download with "
+                          "`HF_ENDPOINT=$REGISTRY_URL HF_TOKEN=$REGISTRY_TOKEN hf download REPO`")
     from ..export import snapshot_path
 
     folder = snapshot_path(_reg(), ref)
@@ -262,10 +293,15 @@ def tag(ref: str, tag: str) -> None:
       registry tag llama-7b llama-7b:prod
       registry tag sha256:1a2b3c4d llama-7b:prod
     """
-    with _reg().session() as s:
-        artifact, previous = catalog.set_tag(s, ref, tag)
-    moved = f" (moved from {previous[:19]})" if previous and previous != artifact.digest else ""
-    click.echo(f"{tag} -> {artifact.name} {artifact.digest[:19]}{moved}")
+    if remote.configured():
+        t = remote_cli.set_tag(ref, tag)
+        name, digest, previous = t["name"], t["digest"], t["previous"]
+    else:
+        with _reg().session() as s:
+            artifact, previous = catalog.set_tag(s, ref, tag)
+            name, digest = artifact.name, artifact.digest
+    moved = f" (moved from {previous[:19]})" if previous and previous != digest else ""
+    click.echo(f"{tag} -> {name} {digest[:19]}{moved}")
 
 
 @cli.command()
@@ -281,11 +317,16 @@ def rm(ref: str, force: bool) -> None:
       registry rm llama-7b-old && registry gc
       registry rm llama-7b --force
     """
-    with _reg().session() as s:
-        tags = catalog.tags_of(s, catalog.resolve(s, ref).id)
-        artifact = catalog.remove_artifact(s, ref, force)
+    if remote.configured():
+        removed = remote_cli.remove(ref, force)
+        name, digest, tags = removed["name"], removed["digest"], removed["tags"]
+    else:
+        with _reg().session() as s:
+            tags = catalog.tags_of(s, catalog.resolve(s, ref).id)
+            artifact = catalog.remove_artifact(s, ref, force)
+            name, digest = artifact.name, artifact.digest
     dropped = f" and its tags {', '.join(tags)}" if tags else ""
-    click.echo(f"removed {artifact.name} {artifact.digest[:19]}{dropped}; run registry gc to free its blobs")
+    click.echo(f"removed {name} {digest[:19]}{dropped}; run registry gc to free its blobs")
 
 
 @cli.command("link")
@@ -307,6 +348,8 @@ def link_(child: str, parent: str, role: str, force: bool, as_json: bool) -> Non
       registry link my-lora llama-7b-v2 --role base --force
       registry link my-lora-merged my-lora --role adapter
     """
+    if remote.configured():
+        remote_cli.refuse("registry link", "is not offered by a catalog server (lineage is recorded by its jobs)")
     with _reg().session() as s:
         result = catalog.link(s, catalog.resolve(s, child), catalog.resolve(s, parent), role, force)
     if as_json:

@@ -5,11 +5,11 @@ import sys
 
 import click
 
-from .. import render
+from .. import remote, render
 from ..errors import BadInput
 from . import cli
-from .common import _reg, _run, _trust_command_line_endpoint, _worker_config, detach_option, json_option
-from .common import _fast_read, catalog  # catalog: imported on first use (common.py says why)
+from . import remote as remote_cli
+from .common import _fast_read, _reg, _run, _trust_command_line_endpoint, _worker_config, detach_option, json_option
 
 
 @cli.command()
@@ -39,18 +39,28 @@ def verify(refs: tuple[str, ...], all_: bool, quick: bool, upstream: bool, endpo
     if not refs and not all_:
         raise BadInput("name at least one artifact to verify, or pass --all")
     if upstream:
+        if remote.configured():
+            remote_cli.refuse("verify --upstream", "compares a local registry with the hub")
         if quick:  # it would mean nothing new: --upstream never reads the LFS files (the large ones) anyway
             raise BadInput("--quick does not go with --upstream: --upstream compares LFS files by their recorded "
                            "sha256 without reading them and re-hashes only the small git files; drop --quick")
         return _verify_upstream(refs, all_, endpoint, token_file, as_json)
     if endpoint or token_file:
         raise BadInput("--endpoint and --token-file go with --upstream")
+    if remote.configured():
+        body = {"type": "verify", "refs": list(refs), "all": all_, "quick": quick}
+        return _verified(remote_cli.run(body, detach, as_json), as_json)
     # A quick check here on SQLite needs no ORM (fastread.py); it records the same job and events.
-    job = _fast_read(lambda c: c.verify_quick(refs, all_, _verify_request)) if quick and not detach else None
+    from ..submit import verify_params, verify_request
+
+    job = _fast_read(lambda c: c.verify_quick(refs, all_, verify_params)) if quick and not detach else None
     if job is None:
-        with _reg().session() as s:  # resolve once: the job names these artifacts by id, not a movable tag or digest
-            ids = sorted({catalog.resolve(s, r).id for r in refs})
-        job = _run("verify", *_verify_request(ids, all_, quick), detach, as_json)
+        req = verify_request(_reg(), refs, all_, quick)  # resolved now: the job names artifacts by id
+        job = _run(req.type, req.params, req.dedup_key, detach, as_json)
+    _verified(job, as_json)
+
+
+def _verified(job, as_json: bool) -> None:
     if job is None:
         return
     reports = job.result["artifacts"]
@@ -58,12 +68,6 @@ def verify(refs: tuple[str, ...], all_: bool, quick: bool, upstream: bool, endpo
         else render.verify_reports(reports)
     if job.state != "succeeded":
         sys.exit(job.exit_code or 1)
-
-
-def _verify_request(ids: list[int], all_: bool, quick: bool) -> tuple[dict, str]:
-    """A verify job's params and dedup key."""
-    key = f"verify:{'all' if all_ else ','.join(map(str, ids))}:{quick}"
-    return {"artifact_ids": ids, "all": all_, "quick": quick}, key
 
 
 def _verify_upstream(refs: tuple[str, ...], all_: bool, endpoint: str | None, token_file: str | None,
@@ -115,22 +119,16 @@ def repair(ref: str, from_dir: str | None, detach: bool, as_json: bool) -> None:
       registry repair llama-7b --json
       registry repair llama-7b-chat-int4 --from /backup/llama-7b-chat-int4
     """
-    from pathlib import Path
+    if remote.configured():
+        remote_cli.refuse_host_path("--from", from_dir)
+        return _repaired(remote_cli.run({"type": "repair", "ref": ref}, detach, as_json), as_json)
+    from ..submit import repair_request
 
-    from ..repair import resolve_for_repair
+    req = repair_request(_reg(), ref, from_dir=from_dir)
+    _repaired(_run(req.type, req.params, req.dedup_key, detach, as_json), as_json)
 
-    params: dict = {}
-    if from_dir is not None:
-        folder = Path(from_dir).expanduser()
-        if not folder.is_dir():
-            raise BadInput(f"--from {from_dir}: {'not a folder' if folder.exists() else 'no such folder'}; give "
-                           "the folder that holds the artifact's files")
-        params["from_dir"] = str(folder.resolve())  # the job may run in a worker with another working folder
-    with _reg().session() as s:  # resolve now: the job names the artifact by id, never by a movable ref
-        artifact = resolve_for_repair(s, ref)
-        params.update({"artifact_id": artifact.id, "name": artifact.name})
-    key = f"repair:{artifact.id}" + (f":from:{params['from_dir']}" if from_dir is not None else "")
-    job = _run("repair", params, key, detach, as_json)
+
+def _repaired(job, as_json: bool) -> None:
     if job is None:
         return
     r = job.result
@@ -212,16 +210,31 @@ def gc(dry_run: bool, all_temp: bool, as_json: bool) -> None:
       registry gc
       registry gc --all-temp --json
     """
+    if remote.configured():
+        if dry_run or all_temp:
+            remote_cli.refuse(f"gc {'--dry-run' if dry_run else '--all-temp'}", "is not offered by a catalog server")
+        job = remote_cli.run({}, False, as_json, path="/v1/gc")  # an admin token; a worker of the server runs it
+        if as_json:
+            return render.emit_json({"job": job.id, **job.result})
+        # The job lists at most 100 names of each; its counts are complete.
+        counts = {key: job.result[f"{key}_count"] for key in GC_LISTS}
+        return _gc_summary(job.result["bytes_freed"], counts, dry_run, all_temp)
     from ..gc import collect_garbage
 
     report = collect_garbage(_reg(), dry_run, all_temp=all_temp)
     if as_json:
         render.emit_json(report.to_dict())
         return
+    _gc_summary(report.bytes_freed, {key: len(getattr(report, key)) for key in GC_LISTS}, dry_run, all_temp)
+
+
+GC_LISTS = ("blobs", "temp_files", "snapshots", "partials_kept")  # what gc removed (or kept), by kind
+
+
+def _gc_summary(bytes_freed: int, counts: dict[str, int], dry_run: bool, all_temp: bool) -> None:
     verb = "would free" if dry_run else "freed"
-    click.echo(f"{verb} {render.human_size(report.bytes_freed)} ({report.bytes_freed} bytes): "
-               f"{len(report.blobs)} blobs, {len(report.temp_files)} temporary files, "
-               f"{len(report.snapshots)} snapshots")
-    if report.partials_kept and not all_temp:
-        click.echo(f"kept {len(report.partials_kept)} partial downloads for resuming a pull; "
+    click.echo(f"{verb} {render.human_size(bytes_freed)} ({bytes_freed} bytes): {counts['blobs']} blobs, "
+               f"{counts['temp_files']} temporary files, {counts['snapshots']} snapshots")
+    if counts["partials_kept"] and not all_temp:
+        click.echo(f"kept {counts['partials_kept']} partial downloads for resuming a pull; "
                    "registry gc --all-temp deletes them")

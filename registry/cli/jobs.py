@@ -5,9 +5,10 @@ import sys
 
 import click
 
-from .. import render
+from .. import remote, render
 from ..schema import DEFAULT_LEASE_SECONDS, JOB_STATES, JOB_TYPES
 from . import cli
+from . import remote as remote_cli
 from .common import _reg, float_range, int_range, jobs, json_option  # jobs: imported on first use (common.py)
 
 
@@ -23,8 +24,11 @@ def jobs_(state: str | None, limit: int, as_json: bool) -> None:
       registry jobs --state running
       registry jobs --state failed --limit 5 --json
     """
-    with _reg().read_session() as s:
-        items = [jobs.job_dict(j) for j in jobs.list_jobs(s, state, limit)]
+    if remote.configured():
+        items = remote_cli.job_list(state, limit)
+    else:
+        with _reg().read_session() as s:
+            items = [jobs.job_dict(j) for j in jobs.list_jobs(s, state, limit)]
     if as_json:
         render.emit_json(items)
     else:
@@ -42,8 +46,11 @@ def job(job_id: int, as_json: bool) -> None:
       registry job 12
       registry job 12 --json
     """
-    with _reg().read_session() as s:
-        data = jobs.job_dict(jobs.get(s, job_id))
+    if remote.configured():
+        data = remote_cli.job(job_id)
+    else:
+        with _reg().read_session() as s:
+            data = jobs.job_dict(jobs.get(s, job_id))
     render.emit_json(data) if as_json else render.job_details(data)
 
 
@@ -61,19 +68,21 @@ def cancel(job_id: int, as_json: bool) -> None:
       registry cancel 12
       registry cancel 12 --json
     """
-    with _reg().session() as s:
-        before = jobs.get(s, job_id).state
-        j = jobs.cancel(s, job_id)
-        state = j.state
-    cancelled = before in ("queued", "running")
-    if as_json:
-        render.emit_json({"job": job_id, "state": state, "cancelled": cancelled})
-    elif before == "queued":
-        click.echo(f"job {job_id} cancelled before it ran")
-    elif before == "running":
-        click.echo(f"job {job_id}: cancel requested; it stops at its next progress update (see registry job {job_id})")
+    if remote.configured():
+        data = remote_cli.cancel(job_id)
     else:
+        with _reg().session() as s:
+            before = jobs.get(s, job_id).state
+            data = {"job": job_id, "state": jobs.cancel(s, job_id).state, "cancelled": before in ("queued", "running")}
+    state = data["state"]
+    if as_json:
+        render.emit_json(data)
+    elif not data["cancelled"]:
         click.echo(f"job {job_id} already {state}; nothing to cancel")
+    elif state == "cancelled":  # it was queued: cancelled at once
+        click.echo(f"job {job_id} cancelled before it ran")
+    else:  # it was running: it stops at its next heartbeat
+        click.echo(f"job {job_id}: cancel requested; it stops at its next progress update (see registry job {job_id})")
 
 
 @cli.command()

@@ -1,16 +1,14 @@
 """Commands that make new models from registered ones, or run them: merge, quantize, generate."""
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import click
 
-from .. import render
+from .. import remote, render
 from . import cli
-from .common import (_reg, _result, _run, catalog, detach_option, float_range, int_range,  # catalog: on first use
-                     json_option)
+from . import remote as remote_cli
+from .common import _reg, _result, _run, detach_option, float_range, int_range, json_option
 
 
 @cli.command()
@@ -33,14 +31,20 @@ def merge(base, adapter, name, dtype, check, force, allow_pickle, detach, as_jso
       registry merge llama-7b my-lora --name llama-7b-chat
       registry merge llama-7b my-lora --dtype bf16 --check
     """
-    with _reg().session() as s:  # resolve once: the job names these artifacts by id, not a movable tag or digest
-        base_a, adapter_a = (catalog.require_usable(catalog.resolve(s, ref)) for ref in (base, adapter))
-        base_id, adapter_id = base_a.id, adapter_a.id
-        catalog.check_new_name(s, name or catalog.merged_name(adapter_a.name))  # queue no doomed job (merge checks too)
-    params = {"base_id": base_id, "adapter_id": adapter_id, "name": name, "dtype": dtype, "check": check,
-              "force": force, "allow_pickle": allow_pickle}
-    key = "merge:" + "|".join(str(params[k]) for k in sorted(params))
-    r = _result(_run("merge", params, key, detach, as_json), as_json)
+    if remote.configured():
+        if allow_pickle:  # loading a pickle runs code from it: never on a shared server's say-so from a client
+            remote_cli.refuse("merge --allow-pickle", "is not accepted by a catalog server")
+        body = {"type": "merge", "base": base, "adapter": adapter, "name": name, "dtype": dtype, "check": check,
+                "force": force}
+        return _merged(base, adapter, remote_cli.run(body, detach, as_json), as_json)
+    from ..submit import merge_request
+
+    req = merge_request(_reg(), base, adapter, name, dtype, check, force, allow_pickle)  # refuses what it can now
+    _merged(base, adapter, _run(req.type, req.params, req.dedup_key, detach, as_json), as_json)
+
+
+def _merged(base: str, adapter: str, job, as_json: bool) -> None:
+    r = _result(job, as_json)
     if r is None:
         return
     click.echo(f"merged {adapter} into {base}: {r['name']} {r['digest']} ({r['tensors_merged']} tensors merged, "
@@ -77,15 +81,21 @@ def quantize(ref, bits, group_size, desc_act, sym, calibration, samples, seq_len
       registry quantize llama-7b-chat --bits 4 --group-size 128
       registry quantize llama-7b-chat --calibration chats.jsonl --samples 256 --device cuda
     """
-    with _reg().session() as s:  # resolve once: the job names this artifact by id, not a movable tag or digest
-        source = catalog.require_usable(catalog.resolve(s, ref))
-        source_id = source.id
-        catalog.check_new_name(s, name or catalog.quantized_name(source.name, bits))  # queue no doomed job
-    options = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "samples": samples,
-               "calibration": calibration and str(Path(calibration).absolute()), "seq_len": seq_len,
-               "device": device, "seed": seed, "evaluate": not no_eval, "max_ppl_ratio": max_ppl_ratio}
-    params = {"source_id": source_id, "name": name, "options": options}
-    r = _result(_run("quantize", params, "quantize:" + json.dumps(params, sort_keys=True), detach, as_json), as_json)
+    if remote.configured():
+        remote_cli.refuse_host_path("--calibration", calibration)
+        body = {"type": "quantize", "ref": ref, "bits": bits, "group_size": group_size, "desc_act": desc_act,
+                "sym": sym, "samples": samples, "seq_len": seq_len, "seed": seed, "device": device,
+                "evaluate": not no_eval, "max_ppl_ratio": max_ppl_ratio, "name": name}
+        return _quantized(ref, remote_cli.run(body, detach, as_json), as_json)
+    from ..submit import quantize_request
+
+    req = quantize_request(_reg(), ref, bits, group_size, desc_act, sym, samples, seq_len, seed, device,
+                           not no_eval, max_ppl_ratio, name, calibration=calibration)
+    _quantized(ref, _run(req.type, req.params, req.dedup_key, detach, as_json), as_json)
+
+
+def _quantized(ref: str, job, as_json: bool) -> None:
+    r = _result(job, as_json)
     if r is None:
         return
     click.echo(f"quantized {ref} into {r['name']} {r['digest']}: {render.human_size(r['size'])}")
@@ -114,6 +124,8 @@ def generate(ref, prompt, chat, max_new_tokens, device) -> None:
     from ..errors import BadInput
     from ..ml import require_ml
 
+    if remote.configured():
+        remote_cli.refuse("registry generate", "runs a model from a local store")
     if not prompt.strip():
         raise BadInput("--prompt is empty; give the text to continue (or, with --chat, to answer)")
     require_ml("generate")
