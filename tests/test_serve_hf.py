@@ -164,6 +164,59 @@ def test_snapshot_download_and_pinned_files(site, tmp_path):
     assert Path(one).read_text() == "# solo\n"
 
 
+def test_abbreviated_commit_ids_are_revisions(site, tmp_path):
+    full = site.commit["acme/tiny"]
+    for short in (full[:7], full[:12], full[:39]):
+        info = site.api.model_info("acme/tiny", revision=short)
+        assert info.sha == full  # the commit is always named in full
+    prod = site.commit["acme/tiny-next"]  # a tag's commit, abbreviated, under the repo id that tags it
+    assert site.api.model_info("acme/tiny", revision=prod[:8]).sha == prod
+    path = hf_hub_download("acme/tiny", "config.json", revision=full[:10], endpoint=site.url, token=site.token,
+                           cache_dir=tmp_path)
+    assert Path(path).parent.name == full and Path(path).read_bytes() == (site.template / "config.json").read_bytes()
+    status, headers, _ = raw_request(site, "HEAD", f"/acme/tiny/resolve/{full[:7]}/config.json")
+    assert (status, headers["x-repo-commit"]) == (200, full)
+    with pytest.raises(RevisionNotFoundError):  # another repo's commit, abbreviated
+        site.api.model_info("acme/tiny", revision=site.commit["solo"][:10])
+    with pytest.raises(RevisionNotFoundError):
+        site.api.model_info("acme/tiny", revision=full[:6])  # too short to be a commit id: a tag, and none
+    status, headers, _ = raw_request(site, "HEAD", f"/acme/tiny/resolve/{'f' if full[0] != 'f' else 'e'}"
+                                     f"{full[1:7]}/config.json")
+    assert (status, headers["x-error-code"]) == (404, "RevisionNotFound")
+    assert "none of its artifact's or tags' commits starts with it" in headers["x-error-message"]
+
+
+def test_abbreviated_commit_matching_two_artifacts_is_ambiguous():
+    from registry.models import Artifact
+    from registry.server import hfrepo
+
+    def artifact(id_: int, commit: str) -> Artifact:
+        return Artifact(id=id_, name=f"a{id_}", digest="sha256:" + commit.ljust(64, "0"))
+
+    main, one, other = artifact(1, "abcdef1" + "1" * 33), artifact(2, "abcdef2" + "2" * 33), \
+        artifact(3, "abcdef2" + "3" * 33)
+    tagged = [("prod", main), ("one", one), ("other", other)]  # main is also tagged: one artifact, not two
+    assert hfrepo._by_commit_prefix(main, tagged, "acme/x", "abcdef1") is main
+    assert hfrepo._by_commit_prefix(main, tagged, "acme/x", "abcdef22") is one
+    with pytest.raises(hfrepo.RevisionNotFound, match=r"abcdef2 of acme/x is ambiguous: it starts the commits "
+                                                      r"abcdef2222.*, abcdef2333.*; give more digits"):
+        hfrepo._by_commit_prefix(main, tagged, "acme/x", "abcdef2")
+
+
+def test_repo_named_models_downloads_and_web_pages_still_answer(site, tmp_path):
+    # The HF routes come before the web pages (app.py), so /models/tiny/resolve/... is repo models/tiny's file,
+    # while /models/<name> with no resolve segment stays the artifact page for one- to three-segment names.
+    import_here(site.template, "models/tiny")
+    path = hf_hub_download("models/tiny", "config.json", endpoint=site.url, token=site.token, cache_dir=tmp_path)
+    assert Path(path).read_bytes() == (site.template / "config.json").read_bytes()
+    assert site.api.model_info("models/tiny").sha == path.split("/snapshots/")[1].split("/")[0]
+    for page, name in (("/models/acme/tiny", "acme/tiny"), ("/models/solo", "solo"),
+                       ("/models/models/tiny", "models/tiny"), ("/models/acme/tiny:prod", "acme/tiny-next")):
+        r = httpx.get(site.url + page, headers={"Authorization": f"Bearer {site.token}"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), page
+        assert f'<h1 class="artifact-name">{name}</h1>' in r.text, page
+
+
 class CuttingProxy:
     """A TCP proxy to the server that cuts the first GET of `needle` (without Range) after `cut_at` body bytes,
     as a dropped connection would; it records each request head and response status line."""
@@ -268,6 +321,15 @@ def test_resumed_range_download_and_headers(site, tmp_path):
         assert headers["content-length"] == str(len(part))
     status, headers, _ = raw_request(site, "GET", target, {"Range": f"bytes={size}-"})
     assert status == 416 and headers["content-range"] == f"bytes */{size}" and "x-error-message" in headers
+    # Positions longer than any int Python parses at once (4300 digits): valid HTTP, read as "past the end".
+    huge = "9" * 5000
+    for rng, part in [(f"bytes=0-{huge}", whole), (f"bytes=-{huge}", whole),
+                      (f"bytes={'0' * 5000}5-9", whole[5:10])]:
+        status, headers, body = raw_request(site, "GET", target, {"Range": rng})
+        assert (status, body) == (206, part), rng[:20]
+    status, headers, _ = raw_request(site, "GET", target, {"Range": f"bytes={huge}-"})
+    assert status == 416 and headers["content-range"] == f"bytes */{size}"
+    assert len(headers["x-error-message"]) < 200  # the header is not echoed whole
     status, _, body = raw_request(site, "GET", target, {"Range": "bytes=0-9", "If-Range": '"other"'})
     assert (status, body) == (200, whole)  # the If-Range etag is not this file's: the whole file
 
@@ -328,6 +390,15 @@ TRAVERSALS = [  # (request target sent verbatim, the X-Error-Code; None: no rout
 ]
 
 
+def test_error_messages_quote_the_path_as_asked(site):
+    status, headers, body = raw_request(site, "GET", "/acme/tiny/resolve/main/..%5C..%5Csecret.txt")
+    assert (status, headers["x-error-code"]) == (404, "EntryNotFound")
+    assert json.loads(body)["error"].startswith('no file "..\\..\\secret.txt": ')  # one backslash each, as sent
+    assert headers["x-error-message"] == json.loads(body)["error"]
+    status, headers, _ = raw_request(site, "GET", "/acme/tiny/resolve/main/a%01%C3%A9/..")
+    assert headers["x-error-message"].startswith('no file "a\\x01\\xe9/..": ')
+
+
 def test_path_traversal_never_leaves_the_catalog(site):
     (site.work / "secret.txt").write_text("TOPSECRET")
     for target, code in TRAVERSALS:
@@ -349,7 +420,9 @@ ODD_INPUT = ["/api/models?search=%00", "/api/models?author=a%00b", "/api/models?
              "/api/models/%C3%A9", "/api/models/a%00", "/api/models/acme/tiny/revision/%C3%A9",
              "/api/models/acme/tiny/tree/main?cursor=x", "/api/models/acme/tiny/tree/%ff/x",
              "/api/models/acme/tiny/refs?include_prs=x", "/%ff/resolve/main/x", "/acme/tiny/resolve/main/%ff%fe",
-             "/acme/tiny/resolve/main/" + "a/" * 600 + "x"]
+             "/acme/tiny/resolve/main/" + "a/" * 600 + "x", "/api/models?cursor=99999999999999999999",
+             "/api/models?cursor=2147483648", "/api/models?limit=99999999999999999999",
+             "/api/models/acme/tiny/tree/main?cursor=99999999999999999999"]
 
 
 def test_odd_input_is_refused_not_a_server_error(site):

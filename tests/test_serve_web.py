@@ -98,6 +98,13 @@ def set_progress(reg: Registry, job_id: int, done: int) -> None:
         jobs.renew(s, job_id, "web-test", done=done)
 
 
+def finish_job(reg: Registry, job_id: int) -> None:
+    from registry import jobs
+
+    with reg.session() as s:
+        jobs.complete(s, job_id, "web-test", message="verified")
+
+
 @pytest.fixture(scope="module")
 def browser():
     with playwright_api.sync_playwright() as p:
@@ -201,6 +208,18 @@ def test_stale_cookie_empty_token_and_anonymous_reading(site):
         assert page.status_code == 200 and "anonymous · read" in page.text and "HF_TOKEN" not in page.text
 
 
+def test_bad_offset_is_an_html_error_page(site):
+    cookies = {"registry_token": site.token}
+    for offset in ("abc", "-1", "9223372036854775808", "9" * 5000, "2147483648"):
+        r = httpx.get(site.url + "/", params={"offset": offset}, cookies=cookies)
+        assert r.status_code == 422 and r.headers["content-type"].startswith("text/html"), offset
+        assert "offset must be a whole number from 0 to 2147483647" in r.text, offset
+    r = httpx.get(site.url + "/", params={"offset": "2147483647"}, cookies=cookies)
+    assert r.status_code == 200 and "Past the last of 4 artifacts." in r.text
+    r = httpx.get(site.url + "/", params={"offset": "10"}, cookies=cookies)  # the previous page starts at 0
+    assert r.status_code == 200 and 'href="/" rel="prev"' in r.text
+
+
 def test_search_and_kind_filter(browser, site, shots):
     context, page = log_in(browser, site.url, site.token)
     names = site.names
@@ -283,6 +302,20 @@ def test_jobs_page_progress_moves_live(browser, site, shots):
     assert fill.evaluate("e => e.getBoundingClientRect().width") == pytest.approx(width * 3, rel=0.02)
     assert row.locator(".state").inner_text() == "running"
     shoot(page, shots, "jobs-75")
+
+    # Once every job on the page has finished, the page stops polling every second (every 10 s instead) ...
+    polls: list[float] = []
+    page.on("request", lambda r: polls.append(time.monotonic()) if "/v1/jobs" in r.url else None)
+    finish_job(site.reg, site.job_id)
+    playwright_api.expect(row.locator(".state")).to_have_text("succeeded", timeout=5000)
+    finished_at = time.monotonic()
+    page.wait_for_timeout(2500)
+    assert [t for t in polls if t > finished_at + 0.2] == []
+    assert "No job is running" in page.locator("#live-status").inner_text()
+    # ... and asks again at once when the window gets the focus back.
+    page.evaluate("() => window.dispatchEvent(new Event('focus'))")
+    page.wait_for_timeout(1000)
+    assert [t for t in polls if t > finished_at + 0.2]
     context.close()
 
 

@@ -246,7 +246,7 @@ def job_request(reg, body: BaseModel) -> submit.JobRequest:
     """The submit.py request for a job body: the same params and dedup key the CLI makes."""
     if isinstance(body, PullJob):
         return submit.pull_request(reg, body.repo, body.include, body.exclude, body.endpoint, body.name, body.kind,
-                                   tags=body.tags)
+                                   tags=body.tags, for_remote=True)
     if isinstance(body, VerifyJob):
         return submit.verify_request(reg, body.refs, body.all, body.quick)
     if isinstance(body, MergeJob):
@@ -266,6 +266,8 @@ def submit_job(body: Annotated[JobBody, Body()], request: Request) -> dict[str, 
     req = job_request(_reg(request), body)
     with session_for(request, write=True) as s:
         job, created = req.enqueue(s)
+        # Who asked for it: the event carries the caller's token name (events.actor), never the token.
+        catalog.record_event(s, "job-submitted" if created else "job-attached", job_id=job.id, type=job.type)
         return {"job": job.id, "state": job.state, "type": job.type, "created": created}
 
 
@@ -276,6 +278,8 @@ def cancel_job(job_id: JobId, request: Request) -> dict[str, Any]:
     with session_for(request, write=True) as s:
         before = jobs.get(s, job_id).state
         job = jobs.cancel(s, job_id)
+        if before in ("queued", "running"):
+            catalog.record_event(s, "job-cancelled", job_id=job_id, type=job.type, state_before=before)
         return {"job": job_id, "state": job.state, "cancelled": before in ("queued", "running")}
 
 
@@ -285,6 +289,7 @@ def queue_gc(request: Request) -> dict[str, Any]:
     worker; while one is queued or running, that one is returned."""
     with session_for(request, write=True) as s:
         job, created = jobs.enqueue(s, "gc", {"dry_run": False, "by": "api"}, "gc:api")
+        catalog.record_event(s, "job-submitted" if created else "job-attached", job_id=job.id, type=job.type)
         return {"job": job.id, "state": job.state, "type": job.type, "created": created}
 
 

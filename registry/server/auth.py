@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from datetime import timedelta
+import logging
 from typing import Any, Iterator
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import DatabaseLocked, DatabaseUnavailable, Forbidden, Unauthorized
+
+log = logging.getLogger("registry.server")
 
 ROLE_KEY = "x-registry-role"
 COOKIE = "registry_token"  # set by the web login (web.py); HttpOnly, SameSite=Strict
 # Reachable without a token: the health check (load balancers, compose), the login page and its assets.
 PUBLIC_PATHS = ("/v1/health", "/login", "/logout", "/static")
-TOUCH_EVERY = timedelta(seconds=60)  # how stale a token's last_used_at may get before a request updates it
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,18 @@ class LoginRequired(Unauthorized):
 
 def bearer_secret(request: Request) -> str | None:
     """The token a request carries: `Authorization: Bearer <token>` (what HF clients send), else the login cookie.
-    A malformed Authorization header counts as a wrong token (""), not as no token."""
+    A malformed Authorization header counts as a wrong token (""), not as no token.
+
+    The cookie counts only for GET and HEAD: the web page only reads, and a cookie that authorized a POST could
+    be used by any page a logged-in user visits (SameSite=Strict does not stop a page on another port of the
+    same host). Changes need the header, which another origin's page cannot set without a CORS preflight."""
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, value = header.strip().partition(" ")
         return value.strip() if scheme.lower() == "bearer" else ""
-    return request.cookies.get(COOKIE)
+    if request.method in ("GET", "HEAD"):
+        return request.cookies.get(COOKIE)
+    return None
 
 
 def authenticate(request: Request) -> Caller | None:
@@ -67,16 +74,13 @@ def authenticate(request: Request) -> Caller | None:
         info = tokens.authenticate(s, secret)
     if info is None:
         raise Unauthorized("unknown or revoked token; create one with `registry token create NAME --role read`")
-    if info.last_used_at is None or _now() - info.last_used_at > TOUCH_EVERY:
-        with reg.session() as s:  # at most one write a minute per token, not one per request
-            tokens.mark_used(s, info.id)
+    if tokens.needs_touch(info):  # at most one write a minute per token, not one per request
+        try:
+            with reg.session() as s:
+                tokens.mark_used(s, info.id)
+        except (DatabaseLocked, DatabaseUnavailable) as exc:  # a busy catalog must not fail the download
+            log.warning("could not record that token %s was used: %s", info.name, exc)
     return Caller(info.name, info.role)
-
-
-def _now():
-    from ..models import utcnow
-
-    return utcnow()
 
 
 def need(role: str, page: bool = False) -> dict[str, Any]:

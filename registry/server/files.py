@@ -2,8 +2,9 @@
 
 The uvicorn in use offers no zero-copy send (no `http.response.pathsend` / sendfile extension), so the body goes
 out in large chunks read with `os.pread` in a worker thread, the next chunk read while the previous one is being
-written (Starlette's FileResponse reads 64 KiB at a time, one after the other). Nothing hashes while serving: the digests were checked when the blob came
-in and `registry verify` re-checks them; the route only compares the stat stamp of the file it opened.
+written (Starlette's FileResponse reads 64 KiB at a time, one after the other). Nothing hashes while serving:
+the digests were checked when the blob came in and `registry verify` re-checks them; the route only compares
+the stat stamp of the file it opened.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("registry.server")
 CHUNK = 1024 * 1024
-_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+_RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE | re.ASCII)
 
 
 class RangeNotSatisfiable(Exception):
@@ -30,7 +31,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
     Understands `bytes=a-b`, `bytes=a-` and `bytes=-n` (the last n bytes). A header that is malformed, asks
     for several ranges, or is not about bytes is ignored (the whole file, 200), as HTTP allows; one that names
-    no byte of the file raises RangeNotSatisfiable."""
+    no byte of the file raises RangeNotSatisfiable. Positions of any length are valid (RFC 9110's `1*DIGIT`):
+    one beyond any file size reads as "past the end" without parsing all its digits."""
     if header is None:
         return None
     match = _RANGE_RE.match(header)
@@ -40,17 +42,26 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first and not last:
         return None
     if not first:  # a suffix: the last n bytes
-        n = int(last)
+        n = _position(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable()
         return max(0, size - n), size
-    start = int(first)
-    end = size if not last else int(last) + 1
+    start = _position(first)
+    end = size if not last else _position(last) + 1
     if last and end <= start:  # bytes=5-3: malformed, ignored
         return None
     if start >= size:
         raise RangeNotSatisfiable()
     return start, min(end, size)
+
+
+BEYOND_ANY_FILE = 1 << 63  # no file is this large: a longer position means the same as this one
+
+
+def _position(digits: str) -> int:
+    """A byte position from the header's digits; Python refuses to parse more than 4300 digits at once."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else BEYOND_ANY_FILE
 
 
 class BlobResponse(Response):

@@ -32,6 +32,7 @@ from .auth import need, session_for
 from .files import BlobResponse, RangeNotSatisfiable, parse_range
 
 router = APIRouter(tags=["huggingface"])
+MAX_CURSOR = 2**31 - 1  # a page cursor is an SQL OFFSET: bounded so that the database can take it
 
 
 class HFError(Exception):
@@ -119,14 +120,14 @@ def list_models(request: Request, search: str | None = None, author: str | None 
                 kinds: list[str] | None = Query(None, alias="filter",
                                                 description="artifact kinds to keep (other values are ignored)"),
                 sort: str | None = None, direction: int | None = None,
-                limit: int | None = Query(None, ge=1), cursor: int = Query(0, ge=0),
+                limit: int | None = Query(None, ge=1), cursor: int = Query(0, ge=0, le=MAX_CURSOR),
                 full: bool = False) -> JSONResponse:
     """Live artifacts as Hub models: `search` in the name, `author` (first segment); pages of up to 1000
     with an absolute `Link: <...>; rel="next"`."""
     page = min(limit or hfrepo.PAGE_SIZE, hfrepo.PAGE_SIZE)
     with session_for(request) as s:
-        items, more = hfrepo.list_models(s, search, author, [k for k in kinds or [] if k in KINDS], sort, descending=direction != 1,
-                                         offset=cursor, limit=page, full=full)
+        items, more = hfrepo.list_models(s, search, author, [k for k in kinds or [] if k in KINDS], sort,
+                                         descending=direction != 1, offset=cursor, limit=page, full=full)
     headers = {"Link": f'<{request.url.include_query_params(cursor=cursor + page)}>; rel="next"'} if more else {}
     return JSONResponse(items, headers=headers)
 
@@ -142,7 +143,7 @@ def repo_refs(request: Request, repo_id: str, include_prs: bool = False) -> JSON
 
 @for_both_repo_forms("/api/models/{repo}/tree/{rest:path}")
 def repo_tree(request: Request, repo_id: str, rest: str, recursive: bool = False, expand: bool = False,
-              cursor: int = Query(0, ge=0)) -> JSONResponse:
+              cursor: int = Query(0, ge=0, le=MAX_CURSOR)) -> JSONResponse:
     """Files (each an LFS file: `lfs.oid` is its sha256) and folders of a revision, under an optional path."""
     revision, path = _revision_and_path(request)
     with hub_errors():
@@ -204,7 +205,9 @@ def resolve_file(request: Request, repo_id: str, rest: str) -> Response:
         wanted = parse_range(request.headers.get("range"), size) if if_range in (None, etag) else None
     except RangeNotSatisfiable:
         handle.close()
-        raise HFError(416, f"range {request.headers.get('range')} is outside {path} ({size} bytes)",
+        asked = request.headers.get("range", "")
+        asked = asked if len(asked) <= 60 else asked[:57] + "..."
+        raise HFError(416, f"range {asked} is outside {path} ({size} bytes)",
                       headers={"Content-Range": f"bytes */{size}", "X-Repo-Commit": rev.commit, "ETag": etag}) from None
     start, end = wanted or (0, size)
     headers["Content-Length"] = str(end - start)

@@ -29,6 +29,7 @@ from ..errors import NotFound, OperationFailed
 from ..models import Artifact, Blob, File, Tag
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+SHORT_COMMIT_RE = re.compile(r"^[0-9a-f]{7,39}$")  # an abbreviated commit id, as git and the Hub accept
 NAME_CHARS_RE = re.compile(r"^[A-Za-z0-9._\-/:@+]*$")  # the characters catalog.NAME_RE allows in a name
 MAX_PATH = 1024  # files.path's column length: a longer path cannot be in the catalog
 PAGE_SIZE = 1000  # tree entries and listed models per page (the Hub's own page size)
@@ -162,9 +163,11 @@ def check_file_path(path: str) -> str:
 
 
 def _printable(text: str) -> str:
-    """A name from a request, safe for a one-line message and an HTTP header (ASCII, no control characters)."""
+    """A name from a request in double quotes, safe for a one-line message and an HTTP header: characters
+    that are not printable ASCII as Python escapes (\\x00, \\xe9, \\udcff); backslashes stay single, so the
+    message says what was asked even once JSON escapes it again."""
     shown = text if len(text) <= 120 else text[:117] + "..."
-    return repr(shown).encode("ascii", "backslashreplace").decode("ascii")
+    return '"' + "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in shown) + '"'
 
 
 # -- resolving ----------------------------------------------------------------------------------------------
@@ -203,10 +206,28 @@ def resolve_artifact(session: Session, repo_id: str, revision: str) -> Artifact:
         artifact = session.get(Artifact, tag.artifact_id)
         if artifact is not None and artifact.status != "deleted":
             return artifact
-    _check_repo_exists(main, None if main is not None else repo_tags(session, repo_id), repo_id)
-    raise RevisionNotFound(f"no revision {revision!r} of {repo_id}: no tag {repo_id}:{revision}"
+    tagged = repo_tags(session, repo_id)
+    if SHORT_COMMIT_RE.match(revision):  # not a tag: an abbreviated commit id, as on the Hub
+        return _by_commit_prefix(main, tagged, repo_id, revision)
+    _check_repo_exists(main, tagged, repo_id)
+    raise RevisionNotFound(f"no revision {_printable(revision)} of {repo_id}: no tag {repo_id}:{revision}"
                            if revision != "main" else f"{repo_id} has no main: no live artifact has that name; "
                            f"its revisions are its tags {repo_id}:*")
+
+
+def _by_commit_prefix(main: Artifact | None, tagged: list[tuple[str, Artifact]], repo_id: str,
+                      prefix: str) -> Artifact:
+    """The one artifact reachable from the repo id whose commit starts with `prefix`."""
+    reachable = {a.id: a for a in ([main] if main is not None else []) + [a for _, a in tagged]}
+    found = [a for a in reachable.values() if commit_of(a).startswith(prefix)]
+    if len(found) == 1:
+        return found[0]
+    _check_repo_exists(main, tagged, repo_id)
+    if found:
+        raise RevisionNotFound(f"revision {prefix} of {repo_id} is ambiguous: it starts the commits "
+                               f"{', '.join(sorted(commit_of(a) for a in found))}; give more digits")
+    raise RevisionNotFound(f"no revision {prefix} of {repo_id}: no tag {repo_id}:{prefix}, and none of its "
+                           f"artifact's or tags' commits starts with it")
 
 
 def _check_repo_exists(main: Artifact | None, tagged: list | None, repo_id: str) -> None:

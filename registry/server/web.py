@@ -9,12 +9,13 @@ Templates autoescape everything; the lineage graph is laid out here and drawn as
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader
@@ -31,6 +32,8 @@ router = APIRouter()
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
+MAX_OFFSET = 2**31 - 1  # an SQL OFFSET: bounded so that the database can take it
+OFFSET_RE = re.compile(r"^[0-9]{1,10}$")
 COOKIE_MAX_AGE = 30 * 24 * 3600  # the token itself stays valid until revoked; this only spares logging in daily
 MAX_LOGIN_BODY = 16 * 1024
 # Scripts only from /static (no inline script, so an injected <script> would not run even if escaping failed);
@@ -91,13 +94,18 @@ def _error_page(request: Request, exc: Exception, status_code: int) -> HTMLRespo
 # -- the catalog ------------------------------------------------------------------------------------------------
 
 @router.get("/", response_class=HTMLResponse, **need("read", page=True))
-def catalog_page(request: Request, q: str = "", kind: str = "", offset: int = 0) -> HTMLResponse:
-    q, kind, offset = q.strip()[:200], kind.strip(), max(offset, 0)
+def catalog_page(request: Request, q: str = "", kind: str = "",
+                 offset: str = Query("0", description=f"the first row shown: 0 to {MAX_OFFSET}")) -> HTMLResponse:
+    # offset is parsed here rather than by FastAPI so that a bad one gets this HTML error page, not JSON
+    q, kind, offset = q.strip()[:200], kind.strip(), offset.strip() or "0"
     if kind and kind not in KINDS:
         return _error_page(request, BadInput(f"unknown kind {kind!r}; use one of: {', '.join(KINDS)}"), 422)
+    if not OFFSET_RE.match(offset) or int(offset) > MAX_OFFSET:
+        return _error_page(request, BadInput(f"offset must be a whole number from 0 to {MAX_OFFSET}"), 422)
+    offset = int(offset)
     with session_for(request) as s:
         items, total = search_artifacts(s, q=q or None, kind=kind or None, limit=PAGE_SIZE, offset=offset)
-    pages = {"prev": _catalog_url(q, kind, offset - PAGE_SIZE) if offset > 0 else None,
+    pages = {"prev": _catalog_url(q, kind, max(offset - PAGE_SIZE, 0)) if offset > 0 else None,
              "next": _catalog_url(q, kind, offset + PAGE_SIZE) if offset + PAGE_SIZE < total else None}
     kinds = [(k, _catalog_url(q, k, 0)) for k in ("", *KINDS)]
     return render(request, "catalog.html", active="catalog", items=items, total=total, q=q, kind=kind,

@@ -48,30 +48,48 @@ function jobRow(job) {
   ]);
 }
 
+var FAST_POLL_MS = 1000, SLOW_POLL_MS = 10000;
+
+function anyUnfinished(states) {
+  return states.some(function (s) { return s === "queued" || s === "running"; });
+}
+
+// Every second while a job on the page is queued or running; once all have finished, every 10 s (a new job
+// shows up within that) and at once when the tab comes back into view or gets the focus.
 function pollJobs(status) {
   var body = document.getElementById("jobs-body"), url = status.getAttribute("data-poll");
-  var failures = 0;
+  var failures = 0, timer = null, busy = false;
+  var shown = Array.prototype.map.call(body.querySelectorAll(".state"), function (e) { return e.textContent; });
+  function schedule(ms) { clearTimeout(timer); timer = setTimeout(tick, ms); }
   function tick() {
-    if (document.hidden) return setTimeout(tick, 1000);
+    if (document.hidden || busy) return;  // visibilitychange ticks again when the tab is shown
+    busy = true;
     fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}}).then(function (r) {
       if (r.status === 401) { status.textContent = "Logged out: log in again to see live progress."; return null; }
       if (!r.ok) throw new Error("HTTP " + r.status);
       return r.json();
     }).then(function (jobs) {
+      busy = false;
       if (jobs === null) return;
       failures = 0;
-      status.textContent = "The newest jobs; progress updates live (last update " + new Date().toLocaleTimeString() + ").";
+      var active = anyUnfinished(jobs.map(function (j) { return j.state; }));
+      status.textContent = (active ? "The newest jobs; progress updates live" : "No job is running; checking " +
+                            "for new ones every " + SLOW_POLL_MS / 1000 + " s") +
+                           " (last update " + new Date().toLocaleTimeString() + ").";
       var rows = jobs.map(jobRow);
       if (!rows.length) rows = [el("tr", {"class": "empty"}, [el("td", {"colspan": "6"}, ["No jobs yet."])])];
       body.replaceChildren.apply(body, rows);
-      setTimeout(tick, 1000);
+      schedule(active ? FAST_POLL_MS : SLOW_POLL_MS);
     }).catch(function (err) {
+      busy = false;
       failures += 1;
       status.textContent = "Cannot reach the server (" + err.message + "); retrying.";
-      setTimeout(tick, Math.min(1000 * Math.pow(2, failures), 30000));
+      schedule(Math.min(1000 * Math.pow(2, failures), 30000));
     });
   }
-  setTimeout(tick, 1000);
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) tick(); });
+  window.addEventListener("focus", tick);
+  schedule(anyUnfinished(shown) ? FAST_POLL_MS : SLOW_POLL_MS);
 }
 
 function copyButtons() {
