@@ -11,11 +11,12 @@ the CLI passes them, the server never does (a remote client cannot name files on
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .errors import BadInput
+from .errors import BadInput, OperationFailed, RegistryError
 from .schema import KINDS
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
     from .core import Registry
     from .models import Job
+
+log = logging.getLogger("registry.submit")
 
 # quantize.BITS and the choices of `registry quantize --device` (registry.quantize imports torch, so they are
 # repeated here; tests/test_serve_api.py checks they agree).
@@ -47,16 +50,17 @@ class JobRequest:
 
 def pull_request(reg: Registry, repo: str, include: Iterable[str] = (), exclude: Iterable[str] = (),
                  endpoint: str | None = None, name: str | None = None, kind: str | None = None, workers: int = 8,
-                 tags: Iterable[str] = ()) -> JobRequest:
+                 tags: Iterable[str] = (), for_remote: bool = False) -> JobRequest:
     """A pull of REPO_ID[@REVISION]: resolves the revision to a commit now (one request to the endpoint), so the
     job downloads exactly that commit, and checks the names and tags the result would get.
 
     `endpoint` (default: HF_ENDPOINT, else the public hub) must be one this host trusts (hub.token_for: the
     public hub, HF_ENDPOINT, the worker config's [[endpoints]], or one the CLI user named on the command line
     via hub.trust_for_session): anything else is UntrustedEndpoint (bad input). The token stays out of params.
+    `for_remote`: the caller is a client of `registry serve` (POST /v1/jobs), not this host's user; the errors
+    about this host's configuration then say what is wrong without its file paths or the admin's fix.
     """
     from . import catalog, hub
-    from .config import load_worker_config
     from .pull import check_pull
 
     repo_id, revision = hub.parse_repo_ref(repo)
@@ -68,7 +72,8 @@ def pull_request(reg: Registry, repo: str, include: Iterable[str] = (), exclude:
     if not 1 <= workers <= 64:
         raise BadInput(f"workers {workers} is out of range; use 1 to 64 parallel downloads")
     url = hub.endpoint_url(endpoint)
-    commit = hub.resolve_commit(url, repo_id, revision, hub.token_for(load_worker_config(reg.home), url))
+    token = _endpoint_token(reg, url, for_remote)
+    commit = hub.resolve_commit(url, repo_id, revision, token)
     check_pull(reg, repo_id, revision, commit, name, include, exclude, tags)  # queue no doomed job
     # No token and no token file in params: anyone who can queue a job can read (and write) them.
     params = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": url,
@@ -78,6 +83,27 @@ def pull_request(reg: Registry, repo: str, include: Iterable[str] = (), exclude:
     key = "pull:" + "|".join(str(params[k]) for k in ("endpoint", "repo_id", "commit", "include", "exclude",
                                                        "name", "kind", "revision", "tags"))
     return JobRequest("pull", params, key)
+
+
+def _endpoint_token(reg: Registry, url: str, for_remote: bool) -> str | None:
+    """hub.token_for by this host's worker configuration; for a server's client, its errors without host paths
+    (the full one goes to the server's log, where the admin who can fix it looks)."""
+    from . import hub
+    from .config import load_worker_config
+
+    try:
+        return hub.token_for(load_worker_config(reg.home), url)
+    except hub.UntrustedEndpoint:
+        if not for_remote:
+            raise
+        raise hub.UntrustedEndpoint(f"endpoint {url} is not trusted by this server (its workers' config.toml has no "
+                                    "[[endpoints]] entry for it); ask the server's admin") from None
+    except RegistryError as exc:  # a trusted endpoint whose token the configuration cannot supply
+        if not for_remote:
+            raise
+        log.warning("pull from %s refused: %s", url, exc)
+        raise OperationFailed(f"this server's configuration for endpoint {url} is incomplete (its log says why); "
+                              "ask the server's admin") from None
 
 
 def verify_params(ids: list[int], all_: bool, quick: bool) -> tuple[dict, str]:

@@ -264,7 +264,8 @@ BAD_JOBS = [
     ({"type": "repair", "ref": "tiny-merged", "from_dir": "/backup"}, 422, "from_dir would name a path"),
     ({"type": "pull", "repo": "org/model", "token_file": "/root/token"}, 422, "token_file would name a path"),
     ({"type": "pull", "repo": "org/model", "endpoint": "http://evil.example"}, 422,
-     "endpoint http://evil.example is not trusted"),
+     "endpoint http://evil.example is not trusted by this server (its workers' config.toml has no [[endpoints]] "
+     "entry for it); ask the server's admin"),  # no host path, no fix only the admin can make
     ({"type": "pull", "repo": "../etc"}, 422, "malformed repo id"),
     ({"type": "merge", "base": "Tiny-Base", "adapter": "other-base"}, 422, "other-base is a base, not an adapter"),
     ({"type": "merge", "base": "Tiny-Base", "adapter": "tiny-lora", "dtype": "int3"}, 422, "dtype"),

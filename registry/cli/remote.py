@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import click
 
@@ -105,6 +106,27 @@ def remove(ref: str, force: bool) -> dict[str, Any]:
     """`registry rm REF` (an admin token): {name, digest, tags}."""
     with Client() as c:
         return c.delete(f"/v1/artifacts/{ref_path(ref)}", force=str(force).lower())
+
+
+# --- tokens (an admin token on the server) ---
+
+def token_create(name: str, role: str) -> dict[str, Any]:
+    """`registry token create`: {token, name, role, prefix, created_at, ...}; the secret is in this answer only."""
+    with Client() as c:
+        return c.post("/v1/tokens", {"name": name, "role": role})
+
+
+def token_list(include_revoked: bool) -> list[dict[str, Any]]:
+    """`registry token list`: TokenInfo dicts, oldest first."""
+    with Client() as c:
+        return c.get("/v1/tokens", all=str(include_revoked).lower())
+
+
+def token_revoke(name: str) -> dict[str, Any]:
+    """`registry token revoke NAME`: the revoked token's TokenInfo dict."""
+    with Client() as c:
+        segment = quote(name, safe="@")  # one path segment; '.' and '..' escaped so no client folds them away
+        return c.delete(f"/v1/tokens/{segment.replace('.', '%2E') if segment in ('.', '..') else segment}")
 
 
 def run(body: dict[str, Any], detach: bool, as_json: bool, path: str = "/v1/jobs") -> RemoteJob | None:

@@ -5,15 +5,18 @@ from typing import Any
 
 import click
 
-from .. import render
+from .. import remote, render
 from ..schema import TOKEN_ROLES
 from . import cli
+from . import remote as remote_cli
 from .common import _reg, json_option
 
 
 @cli.group("token")
 def token() -> None:
     """Manage the API tokens `registry serve` accepts (Authorization: Bearer TOKEN).
+
+    With REGISTRY_URL set, the commands manage that server's tokens (REGISTRY_TOKEN must be an admin token).
 
     Roles: read browses and downloads; write also submits jobs and moves tags; admin also manages tokens and
     removes artifacts. The catalog stores only a token's sha256: a token is shown once, when it is created.
@@ -43,15 +46,20 @@ def create(name: str, role: str, as_json: bool) -> None:
       TOKEN=$(registry token create alice@laptop --role write)
       registry token create ops --role admin --json
     """
-    from ..tokens import create_token
+    if remote.configured():  # on the server's catalog (an admin REGISTRY_TOKEN), not a local one
+        made = remote_cli.token_create(name, role)
+        secret = made["token"]
+    else:
+        from ..tokens import create_token
 
-    with _reg().session() as s:
-        info, secret = create_token(s, name, role)
+        with _reg().session() as s:
+            info, secret = create_token(s, name, role)
+        made = info.to_dict()
     if as_json:
-        render.emit_json({"name": info.name, "role": info.role, "prefix": info.prefix,
-                          "created_at": info.to_dict()["created_at"], "token": secret})
+        render.emit_json({"name": made["name"], "role": made["role"], "prefix": made["prefix"],
+                          "created_at": made["created_at"], "token": secret})
         return
-    click.echo(f"created token {info.name} ({info.role}); store it now, it is not shown again", err=True)
+    click.echo(f"created token {made['name']} ({made['role']}); store it now, it is not shown again", err=True)
     click.echo(secret)
 
 
@@ -66,10 +74,13 @@ def list_(include_revoked: bool, as_json: bool) -> None:
       registry token list
       registry token list --all --json
     """
-    from ..tokens import list_tokens
+    if remote.configured():
+        items = remote_cli.token_list(include_revoked)
+    else:
+        from ..tokens import list_tokens
 
-    with _reg().read_session() as s:
-        items = [t.to_dict() for t in list_tokens(s, include_revoked)]
+        with _reg().read_session() as s:
+            items = [t.to_dict() for t in list_tokens(s, include_revoked)]
     if as_json:
         render.emit_json(items)
         return
@@ -95,11 +106,14 @@ def revoke(name: str, as_json: bool) -> None:
       registry token revoke ci
       registry token revoke alice@laptop --json
     """
-    from ..tokens import revoke_token
+    if remote.configured():
+        revoked = remote_cli.token_revoke(name)
+    else:
+        from ..tokens import revoke_token
 
-    with _reg().session() as s:
-        info = revoke_token(s, name)
-    render.emit_json(info.to_dict()) if as_json else click.echo(f"revoked token {info.name} ({info.role})")
+        with _reg().session() as s:
+            revoked = revoke_token(s, name).to_dict()
+    render.emit_json(revoked) if as_json else click.echo(f"revoked token {revoked['name']} ({revoked['role']})")
 
 
 def _when(iso: Any, missing: str = "") -> str:

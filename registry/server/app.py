@@ -1,8 +1,9 @@
 """The catalog server's FastAPI application: routers, the one JSON error shape, the OpenAPI document.
 
-Three routers over the same catalog and store: the registry's own JSON API under /v1 (api.py), the web page
-(web.py) and the Hugging Face compatible endpoint at the root (hf.py), which comes last because its
-`/{namespace}/{name}/resolve/...` routes would otherwise match paths of the others.
+Three routers over the same catalog and store: the registry's own JSON API under /v1 (api.py), the Hugging Face
+compatible endpoint at the root (hf.py) and the web page (web.py). HF comes before the web page, whose
+`/models/{ref:path}` would otherwise take `/models/x/resolve/main/config.json`, a download of an artifact named
+`models/x`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,8 +46,12 @@ def error_body(code: str, message: str, exit_code: int) -> dict[str, Any]:
 
 def error_response(exc: RegistryError) -> JSONResponse:
     status, code = next((s, c) for cls, s, c in _STATUS if isinstance(exc, cls))
-    headers = {"WWW-Authenticate": 'Bearer realm="registry"'} if status == 401 else None
-    return JSONResponse(error_body(code, _one_line(str(exc)), exc.exit_code), status_code=status, headers=headers)
+    message = _one_line(str(exc))
+    # HF clients print X-Error-Message (ASCII, one line) rather than the JSON body.
+    headers = {"X-Error-Message": message.encode("ascii", "replace").decode()}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="registry"'
+    return JSONResponse(error_body(code, message, exc.exit_code), status_code=status, headers=headers)
 
 
 def _one_line(message: str) -> str:
@@ -106,7 +110,7 @@ class RefuseNul:
 
 def create_app(reg, allow_anonymous_read: bool = False) -> FastAPI:
     """The catalog server for a Registry. `allow_anonymous_read`: browsing and downloading need no token."""
-    from . import api, hf, web
+    from . import api, apidocs, hf, web
 
     app = FastAPI(title="registry", summary="A model artifact registry: the team catalog and an HF-compatible "
                   "endpoint", version=_version(), openapi_url=None, docs_url=None, redoc_url=None)
@@ -127,11 +131,12 @@ def create_app(reg, allow_anonymous_read: bool = False) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False, **need("read", page=True))
     def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="registry API")
+        return apidocs.docs_page()
 
-    for module in (api, web, hf):
+    for module in (api, hf, web):
         for router in getattr(module, "routers", [module.router]):
             app.include_router(router)
+    app.include_router(apidocs.router)  # /static/swagger-ui/*: before the /static mount, which would take them
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
