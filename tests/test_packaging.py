@@ -39,8 +39,13 @@ def test_catalog_commands_work_without_the_ml_extra(home, tiny_model, tmp_path):
 
 
 def test_ml_commands_name_the_extra_without_it(home, tiny_model, tmp_path):
+    from conftest import import_here
+    from test_merge import make_peft_adapter
+
     run_cli("import", str(tiny_model), "--name", "tiny")
-    for args in (["merge", "tiny", "tiny"], ["quantize", "tiny"], ["generate", "tiny", "--prompt", "hi"]):
+    # A request merge accepts (it refuses a bad one before it needs torch: test_merge covers that).
+    import_here(make_peft_adapter(tiny_model, tmp_path / "lora"), "lora", base="tiny")
+    for args in (["merge", "tiny", "lora"], ["quantize", "tiny"], ["generate", "tiny", "--prompt", "hi"]):
         proc = _registry_without_ml(*args, cwd=tmp_path)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()

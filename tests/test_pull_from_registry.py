@@ -118,5 +118,6 @@ def test_pull_through_a_catalog_server_from_another_registry(source, other, tmp_
         assert out.startswith(f"pulled acme/tiny@{source['digest'][7:19]} as acme/tiny (base) {source['digest']}")
         assert out.rstrip().endswith("; downloaded 4 files (439 B); tagged acme/tiny:main, acme/tiny:copied")
         proc = run_cli("pull", "acme/tiny", "--endpoint", "http://127.0.0.1:9", env=laptop, check=2)
-        assert proc.stderr.startswith("error: endpoint http://127.0.0.1:9 is not trusted by this worker")
+        assert proc.stderr.strip() == ("error: endpoint http://127.0.0.1:9 is not trusted by this server (its workers' "
+                                       "config.toml has no [[endpoints]] entry for it); ask the server's admin")
     assert not (tmp_path / "laptop").exists()

@@ -4,7 +4,8 @@ One browser for the module. The main scenario (a base, an adapter trained on it,
 quantization, a running job) is built once with library calls on SQLite; the catalog queries behind the pages
 run on both backends in test_serve_api.py, and one smoke test here runs the pages on PostgreSQL. The
 quantization's evaluation is recorded in provenance exactly as registry/quantize.py writes it (a real GPTQ
-run takes minutes). Screenshots go to $REGISTRY_TEST_ARTIFACTS (default: the test's tmp folder).
+run takes minutes). Screenshots go to $REGISTRY_TEST_ARTIFACTS (default: test-artifacts/screenshots in the checkout, ignored by git,
+so a CI run leaves them in its workspace).
 """
 from __future__ import annotations
 
@@ -116,8 +117,9 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get("REGISTRY_TEST_ARTIFACTS") or tmp_path_factory.mktemp("screenshots"))
+def shots() -> Path:
+    default = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+    folder = Path(os.environ.get("REGISTRY_TEST_ARTIFACTS") or default)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
