@@ -86,3 +86,25 @@ def test_a_port_in_use_is_one_line_and_exit_2(home):
         proc = run_cli("serve", "--port", str(port), check=2)
     assert proc.stderr.strip().splitlines() == [f"error: port {port} on 127.0.0.1 is in use; stop what listens "
                                                 "there or choose --port"]
+
+
+@pytest.mark.parametrize("home", ["postgresql"], indirect=True)
+def test_several_server_processes_share_one_postgresql_catalog(home, tiny_model):
+    """--workers 2: two server processes on one socket, as behind a load balancer; a tag moved through one of
+    them is what every request sees next, whichever process answers."""
+    from conftest import import_here
+
+    import_here(tiny_model, "acme/tiny")
+    writer = make_token(role="write")
+    proc, url = _start("--workers", "2")
+    try:
+        auth = {"authorization": f"Bearer {writer}"}
+        assert httpx.put(f"{url}/v1/tags/acme/tiny:prod", json={"ref": "acme/tiny"}, headers=auth).status_code == 200
+        for _ in range(6):  # a new connection each time: the kernel spreads them over both processes
+            info = httpx.get(f"{url}/api/models/acme/tiny/revision/prod", headers=auth).json()
+            assert info["id"] == "acme/tiny"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert out.count("Started server process") == 2, out
+    assert "Traceback" not in out, out
