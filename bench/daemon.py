@@ -36,9 +36,11 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pgdb import drop_pg_database, pg_database  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_BIN = str(Path(sys.executable).parent / "registry")
-PG_ADMIN_URL = os.environ.get("REGISTRY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORKERS = 4
 TARGETS = {"idle_cpu_percent": 1.0, "pickup_p50_ms_postgresql": 200.0, "double_runs": 0}
@@ -237,23 +239,6 @@ def measure_throughput(reg, artifact_id: int, n: int) -> dict:
 
 
 # -- one backend, one run --
-
-def pg_database() -> tuple[str, str]:
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    name = f"registry_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name, make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name).render_as_string(False)
-
-
-def drop_pg_database(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
 
 def run_backend(backend: str, mode: str, out: Path, args) -> dict:
     from registry import Registry
