@@ -112,7 +112,9 @@ def artifact_details(d: dict[str, Any]) -> None:
             click.echo(f"  #{j['id']} {j['type']} {j['state']}")
     click.echo("events:")
     for e in d["events"]:
-        click.echo(f"  {e['at']}  {e['kind']}")
+        tag = f" {e['detail']['tag']}" if e["kind"] == "tagged" and (e.get("detail") or {}).get("tag") else ""
+        by = f"  by {e['actor']}" if e.get("actor") else ""  # a token, for changes made through `registry serve`
+        click.echo(f"  {e['at']}  {e['kind']}{tag}{by}")
 
 
 def nested_lines(data: dict[str, Any], indent: str, width: int = 100) -> list[str]:

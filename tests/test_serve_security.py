@@ -53,3 +53,17 @@ def test_refusals_say_why_in_a_header_hf_clients_print(home):
         denied = httpx.post(f"{url}/v1/gc", headers={"authorization": f"Bearer {reader}"})
         assert denied.status_code == 403
         assert "this needs an admin token; token" in denied.headers["x-error-message"]
+
+
+def test_show_names_the_token_behind_a_change_made_through_the_server(home, tiny_model):
+    from conftest import import_here, run_cli
+
+    import_here(tiny_model, "acme/tiny")
+    writer = make_token(role="write", name="release-bot")
+    with serve_in_thread() as url:
+        moved = httpx.put(f"{url}/v1/tags/acme/tiny:prod", json={"ref": "acme/tiny"},
+                          headers={"authorization": f"Bearer {writer}"})
+        assert moved.status_code == 200
+    out = run_cli("show", "acme/tiny").stdout
+    assert [line.split("  ", 2)[-1] for line in out.splitlines() if "tagged" in line] == \
+        ["tagged acme/tiny:prod  by token:release-bot"]
