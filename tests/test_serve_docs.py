@@ -74,3 +74,15 @@ def test_docs_page_shows_the_operations_in_a_browser(served, tmp_path):
             assert problems == [] and offsite == [], (problems, offsite)  # no CSP violation, nothing off-site
         finally:
             browser.close()
+
+
+def test_the_schema_declares_the_bearer_token_on_every_guarded_operation(home):
+    token = make_token(role="read")
+    with serve_in_thread() as url:
+        schema = httpx.get(f"{url}/openapi.json", headers={"authorization": f"Bearer {token}"}).json()
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    guarded = [(path, method) for path, ops in schema["paths"].items() for method, op in ops.items()
+               if "x-registry-role" in op]
+    assert len(guarded) > 20
+    assert all(schema["paths"][p][m]["security"] == [{"bearer": []}] for p, m in guarded)
+    assert "security" not in schema["paths"]["/v1/health"]["get"]

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (EXIT_FAILED, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_USAGE, BadInput, Conflict, DatabaseLocked,
                       DatabaseUnavailable, Forbidden, NotFound, RegistryError, Unauthorized)
-from .auth import LoginRequired, need
+from .auth import ROLE_KEY, LoginRequired, need
 
 log = logging.getLogger("registry.server")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -127,7 +127,7 @@ def create_app(reg, allow_anonymous_read: bool = False) -> FastAPI:
     # The API description needs a token like everything else: it is the route table.
     @app.get("/openapi.json", include_in_schema=False, **need("read"))
     def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
+        return JSONResponse(_with_bearer_auth(app.openapi()))
 
     @app.get("/docs", include_in_schema=False, **need("read", page=True))
     def docs():
@@ -140,6 +140,18 @@ def create_app(reg, allow_anonymous_read: bool = False) -> FastAPI:
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _with_bearer_auth(schema: dict[str, Any]) -> dict[str, Any]:
+    """Declare the bearer token once for every operation that needs a role, so /docs offers "Authorize" and
+    clients generated from the schema send it (the web login's cookie counts for reads only)."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http", "scheme": "bearer", "description": "a token from `registry token create NAME --role ROLE`"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict) and ROLE_KEY in operation:
+                operation.setdefault("security", [{"bearer": []}])
+    return schema
 
 
 def _version() -> str:
