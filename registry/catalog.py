@@ -142,7 +142,8 @@ def load(session: Session, ref: str | int) -> Artifact:
 
 
 def require_usable(artifact: Artifact) -> Artifact:
-    """Refuse an artifact whose files are known to be damaged or missing, saying what to do."""
+    """Refuse an artifact (or anything with its name and status) whose files are known to be damaged or missing,
+    saying what to do."""
     if artifact.status == "corrupt":
         raise OperationFailed(f"{artifact.name} is corrupt (registry verify found damaged or missing files): run "
                               f"`registry verify {artifact.name}` to see which, then `registry repair {artifact.name}`")
@@ -270,12 +271,17 @@ def tags_of(session: Session, artifact_id: int) -> list[str]:
 
 def summary(session: Session, artifact: Artifact) -> dict[str, Any]:
     """The short JSON form of an artifact, as `list --json` prints it."""
+    return summary_of(artifact, len(artifact.files), tags_of(session, artifact.id))
+
+
+def summary_of(a, files: int, tags: list[str]) -> dict[str, Any]:
+    """summary's dict from anything with an Artifact's column attributes (an ORM object or a selected row), with
+    its file count and tags given: a search builds a page of them without loading each artifact's files."""
     return {
-        "id": artifact.id, "name": artifact.name, "kind": artifact.kind, "status": artifact.status,
-        "digest": artifact.digest, "size": artifact.total_size, "files": len(artifact.files),
-        "created_at": artifact.created_at.isoformat() + "Z", "tags": tags_of(session, artifact.id),
-        "source": {"repo": artifact.source_repo, "revision": artifact.source_revision,
-                   "path": artifact.source_path, "endpoint": artifact.source_endpoint, "ref": artifact.source_ref},
+        "id": a.id, "name": a.name, "kind": a.kind, "status": a.status, "digest": a.digest, "size": a.total_size,
+        "files": files, "created_at": a.created_at.isoformat() + "Z", "tags": tags,
+        "source": {"repo": a.source_repo, "revision": a.source_revision, "path": a.source_path,
+                   "endpoint": a.source_endpoint, "ref": a.source_ref},
     }
 
 

@@ -90,6 +90,20 @@ def normalize_endpoint(url: str) -> str:
                        parts.fragment))
 
 
+def safe_for_token(url: str) -> bool:
+    """Whether a token may go to this URL: https, or plain http to this machine (loopback: the traffic never
+    leaves it). Hub tokens (hub.token_for) and REGISTRY_TOKEN (remote.py) follow this one rule."""
+    import ipaddress
+
+    parts = urlsplit(url)
+    if parts.scheme == "https" or parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname or "").is_loopback
+    except ValueError:
+        return False
+
+
 def worker_config_path(home: Path) -> Path:
     """`REGISTRY_CONFIG`, else `<home>/config.toml`."""
     return Path(os.environ.get("REGISTRY_CONFIG") or home / "config.toml").expanduser().absolute()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .config import TrustedEndpoint, WorkerConfig, normalize_endpoint
+from .config import TrustedEndpoint, WorkerConfig, normalize_endpoint, safe_for_token
 from .errors import BadInput, NotFound, OperationFailed
 from .folder import check_relative_path
 
@@ -111,7 +111,7 @@ def token_for(config: WorkerConfig, endpoint: str, refuse_untrusted: bool = True
             f"url = \"{endpoint}\" (with token_file = \"...\" if it needs a token) to {config.path}")
     else:
         return None
-    if token and not allow_http and not _safe_for_token(endpoint):
+    if token and not allow_http and not safe_for_token(endpoint):
         if explicit:
             raise BadInput(f"refusing to send a token over plain http to {endpoint}; use https, or set "
                            f"allow_http_token = true for it in {config.path}")
@@ -142,23 +142,6 @@ def _configured_token(entry: TrustedEndpoint, config: WorkerConfig) -> str | Non
                            "not set in this worker's environment")
         return token
     return read_token(entry.token_file) if entry.token_file else None
-
-
-def _safe_for_token(endpoint: str) -> bool:
-    """https, or plain http to this machine (loopback: the traffic never leaves it)."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(endpoint)
-    if parts.scheme == "https":
-        return True
-    host = parts.hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def offline() -> bool:

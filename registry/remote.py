@@ -58,7 +58,7 @@ class Client:
         self.url = url or base_url()
         secret = token if token is not None else os.environ.get(TOKEN_ENV, "").strip()
         self.has_token = bool(secret)
-        if secret and not _safe_for_token(self.url):
+        if secret and not _token_allowed(self.url):
             raise BadInput(f"refusing to send {TOKEN_ENV} over plain http to {urlsplit(self.url).hostname}; use an "
                            f"https URL (a TLS proxy in front of registry serve), or set {ALLOW_HTTP_ENV}=1 on a "
                            "network you trust")
@@ -151,20 +151,11 @@ class Client:
             time.sleep(POLL_SECONDS)
 
 
-def _safe_for_token(url: str) -> bool:
-    """https, plain http to this machine (the traffic never leaves it), or http allowed by the user; the rule
-    hub.token_for applies to hub tokens."""
-    import ipaddress
+def _token_allowed(url: str) -> bool:
+    """config.safe_for_token's rule (the one hub tokens follow), or plain http the user allowed."""
+    from .config import safe_for_token
 
-    parts = urlsplit(url)
-    if parts.scheme == "https" or parts.hostname == "localhost":
-        return True
-    if os.environ.get(ALLOW_HTTP_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    try:
-        return ipaddress.ip_address(parts.hostname or "").is_loopback
-    except ValueError:
-        return False
+    return safe_for_token(url) or os.environ.get(ALLOW_HTTP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _show_progress(reporter, job: dict[str, Any], shown: tuple | None) -> tuple | None:

@@ -19,6 +19,9 @@ UNFINISHED_STATES = ("queued", "running")
 # What a `registry serve` token may do, each role including the ones before it: read browses and downloads,
 # write also submits jobs and tags, admin also manages tokens and removes artifacts.
 TOKEN_ROLES = ("read", "write", "admin")
+# Ids are INTEGER columns, 32-bit on PostgreSQL: a larger id (or SQL OFFSET) from a user is bad input, not a
+# database error.
+MAX_ID = 2**31 - 1
 DEFAULT_LEASE_SECONDS = 60  # how long a claimed job stays its worker's without a heartbeat (`worker --lease`)
 
 # The newest migration; a test checks it against Alembic. Knowing it here lets every command check the schema

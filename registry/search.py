@@ -13,7 +13,7 @@ from sqlalchemy import String, Text, and_, cast, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from .catalog import check_kind, resolve
+from .catalog import check_kind, resolve, summary_of
 from .errors import BadInput
 from .models import Artifact, Edge, File, Tag
 
@@ -78,7 +78,7 @@ def search_artifacts(session: Session, q: str | None = None, kind: str | None = 
         for artifact_id, name in session.execute(select(Tag.artifact_id, Tag.name).where(Tag.artifact_id.in_(ids))
                                                  .order_by(Tag.name)):
             tags.setdefault(artifact_id, []).append(name)
-    return [_summary(r, counts.get(r.id, 0), tags.get(r.id, [])) for r in rows], total
+    return [summary_of(r, counts.get(r.id, 0), tags.get(r.id, [])) for r in rows], total
 
 
 def _meta_equals(dialect: str, key: str, value: str):
@@ -98,16 +98,6 @@ def _meta_equals(dialect: str, key: str, value: str):
     if value in ("true", "false"):
         return or_(json_kind == value, and_(text_of, json_kind == "text"))
     return and_(text_of, json_kind.not_in(("true", "false")))
-
-
-def _summary(row, files: int, tags: list[str]) -> dict[str, Any]:
-    """catalog.summary's shape (`list --json`) from the selected columns."""
-    return {
-        "id": row.id, "name": row.name, "kind": row.kind, "status": row.status, "digest": row.digest,
-        "size": row.total_size, "files": files, "created_at": row.created_at.isoformat() + "Z", "tags": tags,
-        "source": {"repo": row.source_repo, "revision": row.source_revision, "path": row.source_path,
-                   "endpoint": row.source_endpoint, "ref": row.source_ref},
-    }
 
 
 def lineage_graph(session: Session, artifact: Artifact) -> dict[str, list[dict[str, Any]]]:

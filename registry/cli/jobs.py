@@ -6,7 +6,7 @@ import sys
 import click
 
 from .. import remote, render
-from ..schema import DEFAULT_LEASE_SECONDS, JOB_STATES, JOB_TYPES
+from ..schema import DEFAULT_LEASE_SECONDS, JOB_STATES, JOB_TYPES, MAX_ID
 from . import cli
 from . import remote as remote_cli
 from .common import _reg, float_range, int_range, jobs, json_option  # jobs: imported on first use (common.py)
@@ -36,7 +36,7 @@ def jobs_(state: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id", type=int_range(1, 2**63 - 1))
+@click.argument("job_id", type=int_range(1, MAX_ID))
 @json_option
 def job(job_id: int, as_json: bool) -> None:
     """Show one job: state, attempts, progress, result or error.
@@ -55,7 +55,7 @@ def job(job_id: int, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id", type=int_range(1, 2**63 - 1))
+@click.argument("job_id", type=int_range(1, MAX_ID))
 @json_option
 def cancel(job_id: int, as_json: bool) -> None:
     """Cancel a queued job, or ask a running one to stop at its next progress update.

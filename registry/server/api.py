@@ -17,12 +17,11 @@ from sqlalchemy import select
 
 from .. import catalog, jobs, search, submit, tokens
 from ..models import Artifact, Event, Tag
-from ..schema import JOB_STATES, KINDS, SCHEMA_HEAD, TOKEN_ROLES
+from ..schema import JOB_STATES, KINDS, MAX_ID, SCHEMA_HEAD, TOKEN_ROLES
 from .auth import Caller, current_caller, need, session_for
 
 router = APIRouter()
 
-MAX_ID = 2**31 - 1  # ids are INTEGER columns (32-bit on PostgreSQL): a larger one is bad input, not an overflow
 # Fields a client might send that would name files on the server's host; refused by name, with the reason.
 HOST_PATH_FIELDS = ("calibration", "from_dir", "from", "folder", "token_file", "cache_dir", "path")
 

@@ -26,13 +26,13 @@ from urllib.parse import unquote
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..models import KINDS
+from ..schema import KINDS, MAX_ID
 from . import hfrepo
 from .auth import need, session_for
 from .files import BlobResponse, RangeNotSatisfiable, parse_range
 
 router = APIRouter(tags=["huggingface"])
-MAX_CURSOR = 2**31 - 1  # a page cursor is an SQL OFFSET: bounded so that the database can take it
+MAX_CURSOR = MAX_ID  # a page cursor is an SQL OFFSET: bounded so that the database can take it
 
 
 class HFError(Exception):

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from ..catalog import NAME_RE
+from ..catalog import NAME_RE, require_usable
 from ..errors import NotFound, OperationFailed
 from ..models import Artifact, Blob, File, Tag
 
@@ -124,12 +124,12 @@ class RepoRevision:
         raise EntryNotFound(f"{path} is not a file of {self.repo_id} at {self.revision}", self.commit)
 
     def check_servable(self) -> None:
-        """Refuse an artifact that verify or a pull left corrupt or incomplete, saying what to run."""
-        if self.status in ("corrupt", "incomplete"):
-            what = ("registry verify found damaged or missing files" if self.status == "corrupt"
-                    else "some of its files are not in the store")
-            raise NotServable(f"{self.name} is {self.status} ({what}); not serving it: run `registry verify "
-                              f"{self.name}` to see which, then `registry repair {self.name}`")
+        """Refuse an artifact that verify or a pull left corrupt or incomplete, saying what to run (the check
+        every command that uses an artifact makes), as a 409 of the HF endpoint."""
+        try:
+            require_usable(self)
+        except OperationFailed as exc:
+            raise NotServable(str(exc)) from None
 
 
 # -- checking what a request names, before any query -------------------------------------------------------

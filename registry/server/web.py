@@ -24,7 +24,7 @@ from .. import catalog
 from .. import jobs as joblib
 from ..errors import BadInput, NotFound
 from ..render import human_size
-from ..schema import KINDS
+from ..schema import KINDS, MAX_ID
 from ..search import lineage_graph, search_artifacts
 from .auth import COOKIE, need, session_for
 
@@ -32,7 +32,7 @@ router = APIRouter()
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
-MAX_OFFSET = 2**31 - 1  # an SQL OFFSET: bounded so that the database can take it
+MAX_OFFSET = MAX_ID  # an SQL OFFSET: bounded so that the database can take it
 OFFSET_RE = re.compile(r"^[0-9]{1,10}$")
 COOKIE_MAX_AGE = 30 * 24 * 3600  # the token itself stays valid until revoked; this only spares logging in daily
 MAX_LOGIN_BODY = 16 * 1024
