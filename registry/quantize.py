@@ -18,27 +18,10 @@ from .importer import ingest_files
 from .merge_meta import package_version
 from .models import Artifact
 from .progress import NullReporter, Reporter, engine_output
+from .quantize_options import BITS, DEVICES, QuantizeOptions, check_options, check_quantizable  # noqa: F401
 from .st import SafetensorsFile
 
-BITS = (2, 3, 4, 8)
 ENGINE_FILES_TO_DROP = ("quant_log.csv",)
-
-
-@dataclass
-class QuantizeOptions:
-    """How to quantize; everything here is recorded in the artifact's metadata."""
-
-    bits: int = 4
-    group_size: int = 128
-    desc_act: bool = False
-    sym: bool = True
-    calibration: str | None = None
-    samples: int | None = None  # None: not chosen; up to 128, fewer with a warning when the text is short
-    seq_len: int = 512
-    device: str = "auto"
-    seed: int = 0
-    evaluate: bool = True
-    max_ppl_ratio: float = 1.5
 
 
 @dataclass
@@ -66,7 +49,7 @@ def resolve_device(device: str) -> str:
     """auto -> cuda when a GPU is there, else cpu; cuda without a GPU is bad input."""
     import torch
 
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in DEVICES:
         raise BadInput(f"unknown device {device!r}; use auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda but no CUDA GPU is available here; use --device cpu")
@@ -84,22 +67,12 @@ def check_architecture(model_type: str | None) -> None:
 def check_source(artifact: Artifact, files: dict[str, Path], opts: QuantizeOptions) -> None:
     """Refuse what GPTQ cannot or should not quantize, before any heavy work (the architecture: see
     check_architecture, which needs GPTQModel)."""
-    if artifact.kind == "adapter":
-        raise BadInput(f"{artifact.name} is an adapter; merge it into its base first (registry merge), "
-                       "then quantize the merged model")
-    if artifact.kind == "quantized" or "quantization_config" in artifact.meta:
-        raise BadInput(f"{artifact.name} is already quantized; quantize its full-precision source instead")
-    if opts.bits not in BITS:
-        raise BadInput(f"--bits {opts.bits} is not supported; use one of {', '.join(map(str, BITS))}")
-    if opts.group_size < 1 and opts.group_size != -1:
-        raise BadInput(f"--group-size {opts.group_size} is not valid; use a positive divisor of the layers' input "
-                       "features (e.g. 32, 64, 128) or -1 for none")
+    check_quantizable(artifact)
+    check_options(opts)
     if opts.group_size != -1:
         for rel, path in files.items():
             if rel.endswith(".safetensors"):
                 _check_groups(SafetensorsFile(path, rel), opts.group_size)
-    if (opts.samples is not None and opts.samples < 1) or opts.seq_len < 8:
-        raise BadInput("--samples must be at least 1 and --seq-len at least 8")
 
 
 def _check_groups(st: SafetensorsFile, group_size: int) -> None:

@@ -10,12 +10,14 @@ the CLI passes them, the server never does (a remote client cannot name files on
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from . import quantize_options
 from .errors import BadInput, OperationFailed, RegistryError
 from .schema import KINDS
 
@@ -27,10 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("registry.submit")
 
-# quantize.BITS and the choices of `registry quantize --device` (registry.quantize imports torch, so they are
-# repeated here; tests/test_serve_api.py checks they agree).
-QUANTIZE_BITS = (2, 3, 4, 8)
-QUANTIZE_DEVICES = ("auto", "cpu", "cuda")
+# What a quantize request may ask for (registry.quantize imports torch; these come from its torch-free part).
+QUANTIZE_BITS = quantize_options.BITS
+QUANTIZE_DEVICES = quantize_options.DEVICES
 
 
 @dataclass(frozen=True)
@@ -149,37 +150,18 @@ def quantize_request(reg: Registry, ref: str, bits: int = 4, group_size: int = 1
     found by the job (it reads the safetensors headers)."""
     from . import catalog
 
-    _check_quantize_options(bits, group_size, samples, seq_len, device, max_ppl_ratio)
+    opts = quantize_options.QuantizeOptions(
+        bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, samples=samples, seq_len=seq_len,
+        device=device, seed=seed, evaluate=evaluate, max_ppl_ratio=max_ppl_ratio,
+        calibration=calibration and str(Path(calibration).absolute()))
+    quantize_options.check_options(opts)
     with reg.read_session() as s:
         source = catalog.require_usable(catalog.resolve(s, ref))
-        if source.kind == "adapter":
-            raise BadInput(f"{source.name} is an adapter; merge it into its base first (registry merge), "
-                           "then quantize the merged model")
-        if source.kind == "quantized" or "quantization_config" in (source.meta or {}):
-            raise BadInput(f"{source.name} is already quantized; quantize its full-precision source instead")
+        quantize_options.check_quantizable(source)
         source_id = source.id
         catalog.check_new_name(s, name or catalog.quantized_name(source.name, bits))  # queue no doomed job
-    options = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym, "samples": samples,
-               "calibration": calibration and str(Path(calibration).absolute()), "seq_len": seq_len,
-               "device": device, "seed": seed, "evaluate": evaluate, "max_ppl_ratio": max_ppl_ratio}
-    params = {"source_id": source_id, "name": name, "options": options}
+    params = {"source_id": source_id, "name": name, "options": dataclasses.asdict(opts)}
     return JobRequest("quantize", params, "quantize:" + json.dumps(params, sort_keys=True))
-
-
-def _check_quantize_options(bits: int, group_size: int, samples: int | None, seq_len: int, device: str,
-                            max_ppl_ratio: float) -> None:
-    """The checks quantize.check_source makes on the options alone, with the CLI's wording."""
-    if bits not in QUANTIZE_BITS:
-        raise BadInput(f"--bits {bits} is not supported; use one of {', '.join(map(str, QUANTIZE_BITS))}")
-    if group_size < 1 and group_size != -1:
-        raise BadInput(f"--group-size {group_size} is not valid; use a positive divisor of the layers' input "
-                       "features (e.g. 32, 64, 128) or -1 for none")
-    if (samples is not None and samples < 1) or seq_len < 8:
-        raise BadInput("--samples must be at least 1 and --seq-len at least 8")
-    if device not in QUANTIZE_DEVICES:
-        raise BadInput(f"unknown device {device!r}; use auto, cpu or cuda")
-    if not max_ppl_ratio > 0:
-        raise BadInput(f"--max-ppl-ratio {max_ppl_ratio} is not valid; give a number above 0")
 
 
 def repair_request(reg: Registry, ref: str, *, from_dir: str | None = None) -> JobRequest:

@@ -249,7 +249,8 @@ def test_calibration_outside_the_allowed_roots_is_refused_at_start(home, tmp_pat
 
 
 def test_the_daemon_knows_the_quantize_and_merge_options():
-    """pipelines.py keeps its own copy (registry.quantize imports torch, which the daemon does not load)."""
+    """pipelines.py takes quantize's choices from its torch-free part and keeps its own copy of merge's dtypes
+    (registry.quantize and registry.merge import torch, which the daemon does not load)."""
     from registry.merge import DTYPE_CHOICES
     from registry.quantize import BITS, QuantizeOptions
 

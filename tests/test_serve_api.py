@@ -5,7 +5,6 @@ and served in a thread (tests/serving.py). Tests that change it use their own ar
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import threading
@@ -291,15 +290,17 @@ def test_bad_job_requests_are_refused_with_the_reason(served, body, status, mess
 
 
 def test_quantize_choices_match_the_quantizer():
-    """submit.py repeats quantize.BITS (importing registry.quantize imports torch): they must agree."""
-    import importlib.util
+    """The API offers the quantizer's own choices, from its torch-free part: the server checks a quantize request
+    without loading torch (registry.quantize imports it)."""
+    import subprocess
+    import sys
 
-    from registry import submit
+    from registry import quantize, submit
 
-    tree = ast.parse(Path(importlib.util.find_spec("registry.quantize").origin).read_text())
-    bits = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
-                and getattr(n.targets[0], "id", None) == "BITS")
-    assert submit.QUANTIZE_BITS == bits
+    assert (submit.QUANTIZE_BITS, submit.QUANTIZE_DEVICES) == (quantize.BITS, quantize.DEVICES)
+    code = ("import sys, registry.submit, registry.server.api, registry.daemon.pipelines; "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 def test_merge_and_quantize_jobs_are_queued_with_the_cli_params(served):

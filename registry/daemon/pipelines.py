@@ -15,6 +15,7 @@ commit) or whose base was linked a moment after it registered is still seen.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import string as string_module
@@ -25,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from .. import jobs
+from .. import jobs, quantize_options
 from ..calibration import load_calibration
 from ..catalog import base_of, check_name, linked_parent, load, record_event, tags_of
 from ..config import load_worker_config
@@ -43,12 +44,9 @@ SOURCE = "pipeline"
 RECENT_SECONDS = 120.0
 SCAN_LIMIT = 1000
 DEFAULT_EVERY = 10.0
-# Kept in step with registry.quantize (BITS, QuantizeOptions; tests/test_daemon_pipelines.py checks): that
-# module imports torch (through registry.st), which the daemon process should not load. The worker builds QuantizeOptions again.
-BITS = (2, 3, 4, 8)
-QUANTIZE_DEFAULTS: dict[str, Any] = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True,
-                                     "calibration": None, "samples": None, "seq_len": 512, "device": "auto",
-                                     "seed": 0, "evaluate": True, "max_ppl_ratio": 1.5}
+# From quantize's torch-free part (registry.quantize imports torch, which the daemon process should not load).
+BITS = quantize_options.BITS
+QUANTIZE_DEFAULTS: dict[str, Any] = dataclasses.asdict(quantize_options.QuantizeOptions())
 MERGE_DEFAULTS: dict[str, Any] = {"dtype": "auto", "check": False, "force": False, "allow_pickle": False}
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 QUANTIZABLE = ("base", "merged", "checkpoint")
