@@ -8,13 +8,13 @@ DEMO_HOME ?= demo-home
 
 OLAH_VENV ?= .olah-venv
 
-.PHONY: venv test demo bench-verify bench-pull bench-merge bench-quantize bench-startup bench-daemon bench-serve clean services test-deps
+.PHONY: venv test demo bench-verify bench-pull bench-merge bench-quantize bench-convert bench-startup bench-daemon bench-serve clean services test-deps
 
 $(BIN)/registry: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[test,gptq,serve]'
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" $(BIN)/pip install -q -e '.[test,gptq,serve,gguf]'
 	touch $(BIN)/registry
 
 venv: $(BIN)/registry
@@ -66,6 +66,10 @@ bench-merge: venv
 
 bench-quantize: venv
 	$(BIN)/python bench/quantize.py
+
+# `registry convert --outtype q8_0` against llama.cpp's converter run directly on the same exported model.
+bench-convert: venv
+	$(BIN)/python bench/convert.py
 
 bench-startup: venv
 	$(BIN)/python bench/startup.py

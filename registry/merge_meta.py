@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .core import Registry
-from .lora import AdapterPlan
-from .store import Ingested
+if TYPE_CHECKING:  # registry.lora imports torch; convert (registry.gguf) takes package_version from here without it
+    from .core import Registry
+    from .lora import AdapterPlan
+    from .store import Ingested
 
 CHECK_PROMPT = "<s>Human: What is a model registry?\n</s><s>Assistant: "
 

@@ -85,10 +85,26 @@ def artifact_details(d: dict[str, Any]) -> None:
         c = q["calibration"]
         click.echo(f"quantization:    GPTQ int{q['bits']} group {q['group_size']} on {q['device']}, calibration "
                    f"{c['source']} ({c['samples']} samples, {c['digest'][:19]}), seed {q['seed']}")
+    g, c = meta.get("gguf"), prov.get("conversion")
+    if isinstance(g, dict):
+        types = ", ".join(f"{k} x{v}" for k, v in sorted((g.get("tensor_types") or {}).items(), key=lambda kv: -kv[1]))
+        click.echo(f"gguf:            {g.get('outtype')} {g.get('architecture')}, context {g.get('context_length')}, "
+                   f"tokenizer {g.get('tokenizer_model')}/{g.get('pre_tokenizer')}, "
+                   f"chat template {'yes' if g.get('chat_template') else 'none'}; tensors {types}")
+    if c:
+        t = c.get("tokenizer") or {}
+        click.echo(f"conversion:      llama.cpp converter of llama-cpp-python {c['converter'].get('llama_cpp_python')}"
+                   f" ({t.get('handling') or t.get('model')})")
+        for warning in c.get("warnings") or []:
+            click.echo(f"warning:         {warning}")
     e = prov.get("evaluation")
     if e:
         click.echo(f"evaluation:      perplexity {e['perplexity_quantized']} vs {e['perplexity_source']} for the "
                    f"source ({e['perplexity_ratio']}x); weights {e['size_reduction'] * 100:.0f}% smaller")
+    if e and e.get("tokenizer"):
+        t, greedy = e["tokenizer"], e.get("greedy") or {}
+        click.echo(f"tokenizer check: {t['strings'] - t['mismatches']} of {t['strings']} strings as the source; greedy "
+                   f"{greedy.get('equal')} of {greedy.get('tokens')} tokens equal")
     m = prov.get("merge")
     if m:
         click.echo(f"merge:           r {m['r']}, alpha {m['lora_alpha']}, scaling {m['scaling']} "

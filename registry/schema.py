@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import re
 
-KINDS = ("base", "adapter", "merged", "quantized", "checkpoint")
+KINDS = ("base", "adapter", "merged", "quantized", "checkpoint", "gguf")
 STATUSES = ("ready", "incomplete", "corrupt", "deleted")
 ROLES = ("base", "adapter", "calibration", "source")
 # Every job type a worker runs (workers/runner.py HANDLERS has one module per type).
-JOB_TYPES = ("import", "verify", "pull", "merge", "quantize", "repair", "scrub", "gc", "prune")
+JOB_TYPES = ("import", "verify", "pull", "merge", "quantize", "convert", "repair", "scrub", "gc", "prune")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 UNFINISHED_STATES = ("queued", "running")
 # What a `registry serve` token may do, each role including the ones before it: read browses and downloads,

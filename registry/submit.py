@@ -1,4 +1,5 @@
-"""Job requests as library calls: the params and dedup key of a pull, verify, merge, quantize or repair job.
+"""Job requests as library calls: the params and dedup key of a pull, verify, merge, quantize, convert or repair
+job.
 
 The CLI (which runs the job or queues it with --detach) and the server's POST /v1/jobs both build their jobs
 here, so the same request from either makes the same params and dedup key and attaches to the same job.
@@ -162,6 +163,25 @@ def quantize_request(reg: Registry, ref: str, bits: int = 4, group_size: int = 1
         catalog.check_new_name(s, name or catalog.quantized_name(source.name, bits))  # queue no doomed job
     params = {"source_id": source_id, "name": name, "options": dataclasses.asdict(opts)}
     return JobRequest("quantize", params, "quantize:" + json.dumps(params, sort_keys=True))
+
+
+def convert_request(reg: Registry, ref: str, to: str = "gguf", outtype: str = "f16", pre_tokenizer: str | None = None,
+                    evaluate: bool = True, max_ppl_ratio: float = 1.5, allow_tokenizer_mismatch: bool = False,
+                    name: str | None = None) -> JobRequest:
+    """Convert REF to a GGUF file. What needs no weights is refused now, without torch or llama.cpp: options, the
+    source's kind and status, the result's name, the architecture and the tokenizer case (registry.gguf)."""
+    from .gguf.convert import check_source
+    from .gguf.options import ConvertOptions
+    from .gguf.tokenizer import plan_tokenizer
+
+    if to != "gguf":
+        raise BadInput(f"unknown --to {to!r}; registry convert makes gguf files")
+    opts = ConvertOptions(outtype=outtype, pre_tokenizer=pre_tokenizer, evaluate=evaluate,
+                          max_ppl_ratio=max_ppl_ratio, allow_tokenizer_mismatch=allow_tokenizer_mismatch)
+    source = check_source(reg, ref, opts, name)
+    plan_tokenizer(source.files, pre_tokenizer)  # queue no doomed job: a missing tokenizer.model, no tokenizer
+    params = {"source_id": source.id, "to": to, "name": name, "options": dataclasses.asdict(opts)}
+    return JobRequest("convert", params, "convert:" + json.dumps(params, sort_keys=True))
 
 
 def repair_request(reg: Registry, ref: str, *, from_dir: str | None = None) -> JobRequest:

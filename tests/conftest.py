@@ -19,6 +19,9 @@ from tinymodel import build_tiny_llama  # noqa: E402
 from registry import Registry  # noqa: E402
 from registry.db import dispose_all  # noqa: E402
 
+# GGUF files converted once per session, shared by every GGUF test module (tests/gguf_fixtures.py).
+pytest_plugins = ["gguf_fixtures"]
+
 PG_ADMIN_URL = os.environ.get("REGISTRY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REGISTRY_BIN = str(Path(sys.executable).parent / "registry")
 
@@ -27,6 +30,30 @@ REGISTRY_BIN = str(Path(sys.executable).parent / "registry")
 def tiny_model_template(tmp_path_factory) -> Path:
     """A tiny random Llama with a locally trained tokenizer, built once per session."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sp_model_template(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 256) with a SentencePiece tokenizer.model trained locally (GGUF tests)."""
+    from ggufmodels import build_sp_llama
+
+    return build_sp_llama(tmp_path_factory.mktemp("gguf-sp") / "sp", seed=0)
+
+
+@pytest.fixture(scope="session")
+def bpe_model_template(tmp_path_factory) -> Path:
+    """The same shape with tinymodel.py's byte-level BPE tokenizer (tokenizer.json only, GPT-2's regex)."""
+    from ggufmodels import build_bpe_llama
+
+    return build_bpe_llama(tmp_path_factory.mktemp("gguf-bpe") / "bpe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_model_template(tmp_path_factory) -> Path:
+    """The same shape with a byte-level BPE tokenizer that splits with Qwen2's regex."""
+    from ggufmodels import build_qwen_style_llama
+
+    return build_qwen_style_llama(tmp_path_factory.mktemp("gguf-qwen") / "qwen", seed=0)
 
 
 @pytest.fixture
@@ -41,7 +68,7 @@ def tiny_model(tiny_model_template, tmp_path) -> Path:
 # `db_url`, which is parametrized itself) becomes test_x[sqlite] and test_x[postgresql], so a bug that only
 # PostgreSQL shows (a too-long key, a lock, a type) fails a test. `@pytest.mark.sqlite_only` opts a test out.
 BOTH_BACKENDS = {"test_catalog", "test_pull", "test_lineage", "test_merge", "test_quantize", "test_jobs",
-                 "test_pull_first_try"}
+                 "test_pull_first_try", "test_gguf_convert"}
 
 
 def pytest_configure(config) -> None:

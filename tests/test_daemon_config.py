@@ -38,8 +38,8 @@ def test_defaults_without_a_file():
     config = dconfig.load(None)
     assert config.source == "built-in defaults"
     io, compute = config.pools["io"], config.pools["compute"]
-    assert io.size == 2 and set(io.jobs) == set(JOB_TYPES) - {"merge", "quantize"}
-    assert (compute.jobs, compute.size, compute.gpus) == (("merge", "quantize"), None, "auto")
+    assert io.size == 2 and set(io.jobs) == set(JOB_TYPES) - {"merge", "quantize", "convert"}
+    assert (compute.jobs, compute.size, compute.gpus) == (("merge", "quantize", "convert"), None, "auto")
     assert (config.log_format, config.metrics, config.grace) == ("text", None, 30.0)
     assert (config.restart_backoff, config.restart_backoff_max) == (1.0, 60.0)
     assert config.watches == config.follows == config.pipelines == []

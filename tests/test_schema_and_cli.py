@@ -67,7 +67,7 @@ def test_init_reports_home(tmp_path, home):
     assert str(tmp_path / "elsewhere") in out and (tmp_path / "elsewhere" / "blobs" / "sha256").is_dir()
 
 
-COMMANDS = ["init", "import", "pull", "merge", "quantize", "generate", "list", "show", "verify", "manifest",
+COMMANDS = ["init", "import", "pull", "merge", "quantize", "convert", "generate", "list", "show", "verify", "manifest",
             "export", "path", "tag", "rm", "gc", "jobs", "job", "cancel", "worker", "fsck", "repair", "link", "daemon",
             "serve", "token"]
 
@@ -86,5 +86,5 @@ def test_every_command_has_help(command):
 def test_read_commands_offer_json():
     from registry.cli import cli
 
-    for name in ("list", "show", "verify", "jobs", "job", "gc", "import", "init", "pull", "merge", "quantize"):
+    for name in ("list", "show", "verify", "jobs", "job", "gc", "import", "init", "pull", "merge", "quantize", "convert"):
         assert any(p.name == "as_json" for p in cli.commands[name].params), name

@@ -1,13 +1,29 @@
 """What a handler gets besides its parameters: progress reporting that doubles as heartbeat and cancel check."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from registry.errors import JobCancelled, LeaseLost
+from registry.errors import BadInput, JobCancelled, LeaseLost
 from registry.progress import NullReporter, Reporter
+
+
+Options = TypeVar("Options")
+
+
+def options_from_params(cls: type[Options], options: Any, what: str) -> Options:
+    """A job's `options` table as the options dataclass `cls`; unknown keys are bad input (a typo, or a newer
+    client). `what` names the job type in the message."""
+    if not isinstance(options, dict):
+        raise BadInput(f"job parameter options must be a table of {what} options, got {options!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BadInput(f"unknown {what} option(s) {', '.join(unknown)} in the job; known: {', '.join(sorted(known))}")
+    return cls(**options)
 
 
 @dataclass

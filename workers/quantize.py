@@ -1,21 +1,19 @@
 """Handler for `quantize` jobs: GPTQ int-N variants, evaluated."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from registry.config import load_worker_config
 from registry.core import Registry
-from registry.errors import BadInput
 from registry.quantize import QuantizeOptions, quantize
 
-from .context import HandlerResult, JobReporter
+from .context import HandlerResult, JobReporter, options_from_params
 from .merge import check_result_tags, tag_result
 
 
 def handle(reg: Registry, params: dict[str, Any], reporter: JobReporter, job_id: int) -> HandlerResult:
     """Run a quantize job."""
-    opts = options_from_params(params.get("options"))
+    opts = options_from_params(QuantizeOptions, params.get("options"), "quantize")
     tags = check_result_tags(reg, params.get("tags"))
     if opts.calibration:  # a path on this host, from whoever queued the job
         load_worker_config(reg.home).check_path(opts.calibration, "calibration file")
@@ -26,13 +24,3 @@ def handle(reg: Registry, params: dict[str, Any], reporter: JobReporter, job_id:
     return HandlerResult(artifact_id=result.artifact_id, result=outcome,
                          message=f"quantized into {result.name} {result.digest[:19]}")
 
-
-def options_from_params(options: Any) -> QuantizeOptions:
-    """QuantizeOptions from a job's `options`; unknown keys are bad input (a typo, or a newer client)."""
-    if not isinstance(options, dict):
-        raise BadInput(f"job parameter options must be a table of quantize options, got {options!r}")
-    known = {f.name for f in dataclasses.fields(QuantizeOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise BadInput(f"unknown quantize option(s) {', '.join(unknown)} in the job; known: {', '.join(sorted(known))}")
-    return QuantizeOptions(**options)

@@ -25,9 +25,9 @@ Handler = Callable[[Registry, dict, JobReporter, int], HandlerResult]
 # Job type -> handler module, imported on first use: merge and quantize pull in torch, which a pull or an
 # import should not pay for (about a second, and 250 MB read from disk when the page cache is cold).
 HANDLERS: dict[str, str] = {"import": "import_folder", "verify": "verify", "pull": "pull", "merge": "merge",
-                            "quantize": "quantize", "repair": "repair", "scrub": "scrub", "gc": "gc",
-                            "prune": "prune"}
-ML_JOBS = ("merge", "quantize")
+                            "quantize": "quantize", "convert": "convert", "repair": "repair", "scrub": "scrub",
+                            "gc": "gc", "prune": "prune"}
+ML_JOBS = ("merge", "quantize", "convert")
 
 
 def handler_for(job_type: str) -> Handler:

@@ -1,8 +1,9 @@
 """The `registry` command: a thin click layer that parses, calls one library function and renders.
 
 One module per area registers its commands on the `cli` group: artifacts (import, pull, list, show, manifest,
-export, path, tag, rm, link), transform (merge, quantize, generate), integrity (verify, repair, fsck, gc), jobs
-(jobs, job, cancel, worker) and daemon (daemon, daemon status); common holds the helpers they share.
+export, path, tag, rm, link), transform (merge, quantize, generate), convert (GGUF), integrity (verify, repair,
+fsck, gc), jobs (jobs, job, cancel, worker), daemon (daemon, daemon status), serve and tokens; common holds the
+helpers they share.
 """
 from __future__ import annotations
 
@@ -135,4 +136,4 @@ def _lower_first(message: str) -> str:
     return message[0].lower() + message[1:] if message[:2].istitle() else message
 
 
-from . import artifacts, daemon, integrity, jobs, serve, tokens, transform  # noqa: E402,F401  (each registers its commands on `cli`)
+from . import artifacts, convert, daemon, integrity, jobs, serve, tokens, transform  # noqa: E402,F401  (each registers its commands on `cli`)

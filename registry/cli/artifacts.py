@@ -236,20 +236,31 @@ def manifest(ref: str, fmt: str, as_json: bool) -> None:
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--copy", is_flag=True, help="Write independent, writable files: reflinks where the file system "
                                            "supports them (no extra space), else copies; never hardlinks.")
-def export(ref: str, dest: Path, copy: bool) -> None:
+@click.option("--ollama", is_flag=True, help="For a GGUF artifact: also write a Modelfile (FROM, TEMPLATE from its "
+                                             "chat template, stop tokens, PARAMETERs) for `ollama create`.")
+def export(ref: str, dest: Path, copy: bool, ollama: bool) -> None:
     """Write an artifact to a new folder that transformers' from_pretrained loads.
 
     Each file is a reflink (copy-on-write, on btrfs/xfs) where possible, else a hardlink to the store's
-    read-only blob, else a copy. DEST must not exist, or be an empty folder.
+    read-only blob, else a copy. DEST must not exist, or be an empty folder. With --ollama (GGUF artifacts
+    only) DEST gets the .gguf file and a Modelfile beside it.
 
     \b
     Examples:
       registry export llama-7b ./llama-7b
       registry export llama-7b:prod /srv/models/llama --copy
+      registry export llama-7b-gguf-q4_k_m ./llama-ollama --ollama && ollama create llama -f ./llama-ollama/Modelfile
     """
     if remote.configured():
         remote_cli.refuse("registry export", "writes from a local store; from a catalog server, download with "
                           "`HF_ENDPOINT=$REGISTRY_URL HF_TOKEN=$REGISTRY_TOKEN hf download REPO --local-dir DEST`")
+    if ollama:
+        from ..gguf.ollama import export_ollama
+
+        folder = export_ollama(_reg(), ref, dest, copy)
+        click.echo(str(folder))
+        click.echo(f"make the Ollama model with: ollama create NAME -f {folder / 'Modelfile'}", err=True)
+        return
     from ..export import export_artifact
 
     click.echo(str(export_artifact(_reg(), ref, dest, copy)))

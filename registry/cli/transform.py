@@ -8,7 +8,7 @@ import click
 from .. import remote, render
 from . import cli
 from . import remote as remote_cli
-from .common import _reg, _result, _run, detach_option, float_range, int_range, json_option
+from .common import _fast_read, _reg, _result, _run, detach_option, float_range, int_range, json_option
 
 
 @cli.command()
@@ -114,24 +114,42 @@ def _quantized(ref: str, job, as_json: bool) -> None:
 def generate(ref, prompt, chat, max_new_tokens, device) -> None:
     """Generate text with a registered model, streaming tokens to stdout as they are produced.
 
-    An adapter runs on top of its registered base. --device cuda needs a CUDA GPU (exit 2 without one).
+    An adapter runs on top of its registered base. A GGUF artifact runs through llama.cpp (greedy; needs
+    'registry[gguf]', not torch). --device cuda needs a CUDA GPU, or for a GGUF a CUDA build of llama.cpp
+    (exit 2 without one).
 
     \b
     Examples:
       registry generate llama-7b-chat-gptq-int4 --prompt "Hello"
       registry generate llama-7b-chat --prompt "What is a LoRA adapter?" --chat --max-new-tokens 64
+      registry generate llama-7b-chat-gguf-q4_k_m --prompt "你好" --chat
     """
     from ..errors import BadInput
-    from ..ml import require_ml
 
     if remote.configured():
         remote_cli.refuse("registry generate", "runs a model from a local store")
     if not prompt.strip():
         raise BadInput("--prompt is empty; give the text to continue (or, with --chat, to answer)")
-    require_ml("generate")
-    from ..generate import generate as run_generate
+    if _kind_of(ref) == "gguf":  # llama.cpp, without torch
+        from ..gguf.run import generate as run_generate
+    else:
+        from ..ml import require_ml
+
+        require_ml("generate")
+        from ..generate import generate as run_generate
 
     for piece in run_generate(_reg(), ref, prompt, chat, max_new_tokens, device):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _kind_of(ref: str) -> str:
+    """The kind of the artifact REF names, read without the ORM where it can be (fastread.py)."""
+    kind = _fast_read(lambda c: c.resolve(ref)["kind"])
+    if kind is None:
+        from .. import catalog
+
+        with _reg().read_session() as s:
+            kind = catalog.resolve(s, ref).kind
+    return kind

@@ -18,7 +18,7 @@ from ..errors import BadInput
 from ..schema import JOB_TYPES
 from .options import ConfigErrors, check_keys, duration, positive_int, string_list
 
-ML_JOBS = ("merge", "quantize")
+ML_JOBS = ("merge", "quantize", "convert")
 LOG_FORMATS = ("text", "json")
 TOP_KEYS = ("log_format", "metrics", "grace", "restart_backoff", "restart_backoff_max", "state_interval",
             "pools", "watch", "follow", "pipeline", "scrub", "gc", "prune")
@@ -76,7 +76,7 @@ class Overrides:
 
 
 def default_pools() -> dict[str, PoolConfig]:
-    """io: two workers for everything but merge and quantize; compute: merge and quantize, one per GPU."""
+    """io: two workers for everything but merge, quantize and convert; compute: those, one per GPU."""
     return {"io": PoolConfig("io", tuple(t for t in JOB_TYPES if t not in ML_JOBS), size=2),
             "compute": PoolConfig("compute", ML_JOBS, gpus="auto")}
 

@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 from sqlalchemy import select
 
 from .. import catalog, jobs, search, submit, tokens
+from ..gguf.options import OUTTYPES, PRE_TOKENIZERS
 from ..models import Artifact, Event, Tag
 from ..schema import JOB_STATES, KINDS, MAX_ID, SCHEMA_HEAD, TOKEN_ROLES
 from .auth import Caller, current_caller, need, session_for
@@ -233,12 +234,25 @@ class QuantizeJob(_JobBody):
     name: Text | None = None
 
 
+class ConvertJob(_JobBody):
+    type: Literal["convert"]
+    ref: Text
+    to: Literal["gguf"] = "gguf"
+    outtype: Literal[OUTTYPES] = "f16"  # type: ignore[valid-type]
+    pre_tokenizer: Literal[PRE_TOKENIZERS] | None = None  # type: ignore[valid-type]
+    evaluate: bool = True
+    max_ppl_ratio: float = Field(1.5, gt=0, le=1e6)
+    allow_tokenizer_mismatch: bool = False
+    name: Text | None = None
+
+
 class RepairJob(_JobBody):
     type: Literal["repair"]
     ref: Text
 
 
-JobBody = Annotated[Union[PullJob, VerifyJob, MergeJob, QuantizeJob, RepairJob], Field(discriminator="type")]
+JobBody = Annotated[Union[PullJob, VerifyJob, MergeJob, QuantizeJob, ConvertJob, RepairJob],
+                    Field(discriminator="type")]
 
 
 def job_request(reg, body: BaseModel) -> submit.JobRequest:
@@ -254,12 +268,15 @@ def job_request(reg, body: BaseModel) -> submit.JobRequest:
         return submit.quantize_request(reg, body.ref, body.bits, body.group_size, body.desc_act, body.sym,
                                        body.samples, body.seq_len, body.seed, body.device, body.evaluate,
                                        body.max_ppl_ratio, body.name)
+    if isinstance(body, ConvertJob):
+        return submit.convert_request(reg, body.ref, body.to, body.outtype, body.pre_tokenizer, body.evaluate,
+                                      body.max_ppl_ratio, body.allow_tokenizer_mismatch, body.name)
     return submit.repair_request(reg, body.ref)
 
 
 @router.post("/v1/jobs", tags=["jobs"], status_code=202, **need("write"))
 def submit_job(body: Annotated[JobBody, Body()], request: Request) -> dict[str, Any]:
-    """Queue a pull, verify, merge, quantize or repair job for the workers; an identical unfinished job is
+    """Queue a pull, verify, merge, quantize, convert or repair job for the workers; an identical unfinished job is
     returned instead (created: false). What the catalog can refuse at once (unknown refs, bad options, a
     name that is a tag, an untrusted endpoint) is refused here: 404, 409 or 422 with the reason."""
     req = job_request(_reg(request), body)

@@ -273,7 +273,18 @@ def model_info(rev: RepoRevision) -> dict[str, Any]:
         "siblings": [{"rfilename": f.path, "size": f.size, "blobId": f.oid, "lfs": f.lfs("sha256")}
                      for f in rev.files],
         "registry": {"name": rev.name, "kind": rev.kind, "digest": rev.digest, "status": rev.status},
+        **({"gguf": gguf_info(rev.meta)} if rev.kind == "gguf" else {}),
     }
+
+
+def gguf_info(meta: dict[str, Any]) -> dict[str, Any]:
+    """The Hub's `gguf` field of a GGUF repo's model info (huggingface_hub ModelInfo.gguf): the parameter count
+    as `total`, and what the file's header says; keys the header lacks are left out, as the Hub does."""
+    g = meta.get("gguf") or {}
+    info = {"total": g.get("parameter_count"), "architecture": g.get("architecture"),
+            "context_length": g.get("context_length"), "chat_template": g.get("chat_template"),
+            "bos_token": g.get("bos_token"), "eos_token": g.get("eos_token")}
+    return {k: v for k, v in info.items() if v is not None}
 
 
 def tree(rev: RepoRevision, path: str, recursive: bool, expand: bool = False) -> list[dict[str, Any]]:

@@ -131,14 +131,36 @@ def artifact_page(request: Request, ref: str) -> HTMLResponse:
     except BadInput as exc:
         return _error_page(request, exc, 422)
     provenance = d.get("provenance") or {}
+    gguf = _gguf(d)
     return render(request, "artifact.html", a=d, graph=graph, evaluation=provenance.get("evaluation"),
-                  quantization=provenance.get("quantization"), snippet=_snippet(request, d))
+                  quantization=provenance.get("quantization"), gguf=gguf, snippet=_snippet(request, d, gguf))
 
 
-def _snippet(request: Request, d: dict[str, Any]) -> str:
+def _gguf(d: dict[str, Any]) -> dict[str, Any] | None:
+    """A GGUF artifact's facts (meta["gguf"]), its file and the file's download URL: the HF resolve route at the
+    artifact's own commit, so the link always gives these bytes (the login cookie authorizes it)."""
+    if d["kind"] != "gguf":
+        return None
+    meta = (d.get("metadata") or {}).get("gguf") or {}
+    paths = [f["path"] for f in d["file_list"]]
+    file = meta.get("file") if meta.get("file") in paths else next((p for p in paths if p.endswith(".gguf")), None)
+    if file is None:
+        return None
+    url = "/" + urllib.parse.quote(d["name"], safe="/") + "/resolve/" + d["digest"][7:47] + "/" + \
+        urllib.parse.quote(file, safe="/")
+    return {"meta": meta, "file": file, "url": url,
+            "size": next(f["size"] for f in d["file_list"] if f["path"] == file)}
+
+
+def _snippet(request: Request, d: dict[str, Any], gguf: dict[str, Any] | None = None) -> str:
     """What to paste into a shell to load this artifact through this server's HF-compatible endpoint."""
     base_url = str(request.base_url).rstrip("/")
     repo = d["name"]
+    if gguf is not None:  # llama.cpp and Ollama take the one file (Ollama reads the chat template from it)
+        folder = re.sub(r"[^a-z0-9._-]+", "-", repo.rsplit("/", 1)[-1].lower()).strip("-.") or "model"
+        return (f"HF_ENDPOINT={base_url} hf download {repo} {gguf['file']} --local-dir {folder}\n"
+                f"llama-cli -m {folder}/{gguf['file']} -cnv\n"
+                f"echo 'FROM ./{gguf['file']}' > {folder}/Modelfile && ollama create {folder} -f {folder}/Modelfile")
     if d["kind"] == "adapter":  # a LoRA adapter alone is not a causal LM: fetch its files
         code = f"from huggingface_hub import snapshot_download; print(snapshot_download('{repo}'))"
     else:

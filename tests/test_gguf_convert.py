@@ -1,0 +1,131 @@
+"""`registry convert REF --to gguf` end to end (issue 12): GGUF artifacts with lineage, metadata and evaluation, the
+same digest twice, jobs run by a worker and submitted through `registry serve`. Every test that takes `home` runs
+on SQLite and on PostgreSQL (conftest.BOTH_BACKENDS). The converter's and the gate's details are tested without a
+catalog in test_gguf_converter.py and test_gguf_evaluate.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_json, import_here, run_cli
+from serving import make_token, serve_in_thread
+
+
+@pytest.fixture
+def sp(home, sp_model_template) -> str:
+    """The SentencePiece model registered as `tiny`."""
+    import_here(sp_model_template, "tiny")
+    return "tiny"
+
+
+def test_convert_f16_registers_a_gguf_with_lineage(sp):
+    proc = run_cli("convert", "tiny", "--to", "gguf", "--no-eval", "--json")
+    assert proc.stderr == ""  # a SentencePiece model with its tokenizer.model: nothing to warn about
+    out = json.loads(proc.stdout)
+    assert (out["name"], out["outtype"], out["files"], out["created"]) == ("tiny-gguf-f16", "f16", 1, True)
+    shown = cli_json("show", "tiny-gguf-f16")
+    assert shown["kind"] == "gguf" and shown["status"] == "ready"
+    assert [(p["name"], p["role"]) for p in shown["lineage"]["parents"]] == [("tiny", "base")]
+    assert [f["path"] for f in shown["file_list"]] == ["tiny.F16.gguf"]
+    g = shown["metadata"]["gguf"]
+    assert (g["architecture"], g["file_type"], g["outtype"], g["tokenizer_model"]) == ("llama", 1, "f16", "llama")
+    assert (g["bos_token_id"], g["eos_token_id"], g["bos_token"], g["eos_token"]) == (1, 2, "<s>", "</s>")
+    assert g["name"] == "tiny" and g["context_length"] == 256 and g["block_count"] == 2
+    assert shown["metadata"]["model_type"] == "llama"
+    conversion = shown["provenance"]["conversion"]
+    assert conversion["converter"]["llama_cpp_python"] == "0.3.36" and conversion["outtype"] == "f16"
+    assert conversion["source_digest"] == cli_json("show", "tiny")["digest"]
+    assert conversion["tokenizer"]["model"] == "sentencepiece" and conversion["warnings"] == []
+    text = run_cli("show", "tiny-gguf-f16").stdout
+    assert "gguf:            f16 llama, context 256" in text and "derived from: tiny (base, " in text
+    assert cli_json("list", "--kind", "gguf")[0]["name"] == "tiny-gguf-f16"
+
+
+# The evaluation through the command, on SQLite: the catalog side of convert runs on both backends above.
+@pytest.mark.sqlite_only
+def test_convert_evaluates_the_gguf_against_its_source(sp):
+    out = run_cli("convert", "tiny", "--to", "gguf", "--outtype", "q8_0").stdout.splitlines()
+    assert out[0].startswith("converted tiny into tiny-gguf-q8_0 sha256:") and "GGUF q8_0" in out[0]
+    assert out[1].startswith("tokenizer: ") and " strings tokenized as the source does; greedy: " in out[1]
+    e = cli_json("show", "tiny-gguf-q8_0")["provenance"]["evaluation"]
+    assert e["tokenizer"]["mismatches"] == 0 and e["tokenizer"]["strings"] >= 100
+    assert abs(e["perplexity_ratio"] - 1) < 0.05 and e["max_logit_diff"] < 0.1
+    assert e["size_quantized"] < e["size_source"] / 3  # 8-bit of float32
+    text = run_cli("show", "tiny-gguf-q8_0").stdout
+    assert "tokenizer check: " in text and "evaluation:      perplexity " in text
+
+
+def test_k_quant_and_q8_are_real_and_load(sp):
+    """q4_k_m holds Q4_K tensors (hidden 256: every row is whole blocks) and llama.cpp loads both files. As the
+    library call the command's job makes (the command itself: the test above)."""
+    import llama_cpp
+
+    from registry import Registry
+    from registry.gguf.convert import convert
+    from registry.gguf.options import ConvertOptions
+
+    reg = Registry()
+    for outtype in ("q4_k_m", "q8_0"):
+        result = convert(reg, "tiny", ConvertOptions(outtype=outtype, evaluate=False))
+        assert result.evaluation is None and result.name == f"tiny-gguf-{outtype}"
+    assert sorted(a["name"] for a in cli_json("list", "--kind", "gguf")) == ["tiny-gguf-q4_k_m", "tiny-gguf-q8_0"]
+    for name, file_type, main_type in (("tiny-gguf-q4_k_m", 15, "Q4_K"), ("tiny-gguf-q8_0", 7, "Q8_0")):
+        shown = cli_json("show", name)
+        g = shown["metadata"]["gguf"]
+        assert g["file_type"] == file_type and g["tensor_types"][main_type] >= 8, g["tensor_types"]
+        assert "evaluation" not in shown["provenance"] and shown["provenance"]["conversion"]["evaluated"] is False
+        path = Path(run_cli("path", name).stdout.strip()) / g["file"]
+        llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
+        assert llm.n_vocab() == 512
+        llm.close()
+
+
+def test_same_source_and_options_give_the_same_digest(sp):
+    first = json.loads(run_cli("convert", "tiny", "--to", "gguf", "--outtype", "q4_k_m", "--no-eval",
+                               "--json").stdout)
+    run_cli("rm", "tiny-gguf-q4_k_m")
+    run_cli("gc")
+    again = json.loads(run_cli("convert", "tiny", "--to", "gguf", "--outtype", "q4_k_m", "--no-eval",
+                               "--name", "tiny-q4", "--json").stdout)
+    assert again["digest"] == first["digest"] and again["name"] == "tiny-q4" and again["created"]
+
+
+def test_detached_convert_runs_in_a_worker(sp, home):
+    out = run_cli("convert", "tiny", "--to", "gguf", "--outtype", "q8_0", "--no-eval", "--detach", "--json")
+    job = json.loads(out.stdout)["job"]
+    assert cli_json("job", str(job))["state"] == "queued"
+    run_cli("worker", "--once")
+    done = cli_json("job", str(job))
+    assert done["state"] == "succeeded" and done["type"] == "convert"
+    assert done["result"]["name"] == "tiny-gguf-q8_0" and done["result"]["outtype"] == "q8_0"
+    assert not any((home / "tmp").glob("convert-*"))  # the scratch folder went with the job
+
+
+def test_convert_through_the_catalog_server(sp):
+    """POST /v1/jobs and the CLI with REGISTRY_URL queue the same job; the server's worker runs it."""
+    import httpx
+
+    from registry import Registry
+
+    reg = Registry()
+    with serve_in_thread(reg) as url:
+        token = make_token(reg, "write", "ci")
+        headers = {"Authorization": f"Bearer {token}"}
+        bad = httpx.post(f"{url}/v1/jobs", headers=headers,
+                         json={"type": "convert", "ref": "tiny", "outtype": "q3_k"})
+        assert bad.status_code == 422
+        r = httpx.post(f"{url}/v1/jobs", headers=headers,
+                       json={"type": "convert", "ref": "tiny", "outtype": "q8_0", "evaluate": False})
+        assert r.status_code == 202 and r.json()["created"] is True
+        env = {"REGISTRY_URL": url, "REGISTRY_TOKEN": token, "REGISTRY_HOME": "/nonexistent"}
+        out = run_cli("convert", "tiny", "--to", "gguf", "--outtype", "q8_0", "--no-eval", "--detach", "--json",
+                      env=env)
+        assert json.loads(out.stdout)["job"] == r.json()["job"]  # one request, one job
+        refused = run_cli("convert", "nope", "--to", "gguf", env=env, check=3)
+        assert refused.stderr.startswith("error: no artifact, tag or digest named 'nope'")
+    run_cli("worker", "--once")
+    assert cli_json("show", "tiny-gguf-q8_0")["kind"] == "gguf"
+    events = cli_json("show", "tiny-gguf-q8_0")["events"]
+    assert events[0]["kind"] == "registered"
