@@ -231,6 +231,9 @@ def main() -> None:
     print("| --- | --- |")
     for label, seconds in steps.items():
         print(f"| {label} | {seconds:.3f} |")
+    own = step_total - steps["converter subprocess (convert_main.py)"]
+    print(f"the registry's own time in that run (whole process minus the converter subprocess): {own:.2f} s, "
+          f"{own / statistics.median(direct) * 100:.1f}% of B's median")
     if evaluated is not None:
         seconds, result = evaluated
         e = result["evaluation"]

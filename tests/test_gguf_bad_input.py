@@ -79,7 +79,7 @@ def test_unknown_outtype_kind_and_a_gguf_source(sp, tmp_path):
     err = _one_line_error(run_cli("convert", "tiny", "--to", "onnx", check=2))
     assert "invalid value for '--to': 'onnx'" in err
     err = _one_line_error(run_cli("convert", "tiny", check=2))
-    assert "Missing option '--to'" in err
+    assert err == "error: missing option '--to'. Choose from: gguf; see registry convert --help"
     err = _one_line_error(run_cli("convert", "tiny", "--to", "gguf", "--max-ppl-ratio", "0", check=2))
     assert "--max-ppl-ratio" in err
     err = _one_line_error(run_cli("convert", "nope", "--to", "gguf", check=3))
@@ -128,3 +128,18 @@ def test_a_disk_that_fills_during_conversion(sp, small_store_tmp):
     assert [p.name for p in small_store_tmp.iterdir()] == []
     job = cli_json("jobs")[0]
     assert job["type"] == "convert" and job["state"] == "failed" and "disk full" in job["error"]
+
+
+def test_a_wrong_pre_tokenizer_fails_the_tokenizer_check(home, qwen_model_template):
+    """gpt-2's split rules on a Qwen2-style vocabulary: the file converts and loads, but tokenizes Chinese
+    differently; the gate (before any perplexity) fails the job and nothing is registered. Keeping it anyway
+    (--allow-tokenizer-mismatch) is tested on the library call in test_gguf_evaluate.py."""
+    import_here(qwen_model_template, "qwen")
+    err = _one_line_error(run_cli("convert", "qwen", "--to", "gguf", "--pre-tokenizer", "gpt-2", check=1))
+    assert "test strings differently from the source's tokenizer (first: " in err
+    assert err.endswith("nothing was registered; --allow-tokenizer-mismatch to keep it anyway")
+    assert cli_json("list", "--kind", "gguf") == []
+    job = cli_json("jobs")[0]
+    assert job["state"] == "failed" and "differently from the source's tokenizer" in job["error"]
+    err = _one_line_error(run_cli("convert", "qwen", "--to", "gguf", "--pre-tokenizer", "qwen", check=2))
+    assert err.startswith("error: unknown --pre-tokenizer 'qwen'; did you mean qwen2")

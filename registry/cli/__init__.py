@@ -82,7 +82,9 @@ def main() -> None:
         sys.exit(0)
     except click.UsageError as exc:
         where = f"; see {exc.ctx.command_path if exc.ctx else _command_path(sys.argv[1:])} --help"
-        message = _one_line(_lower_first(exc.format_message())).rstrip(".")
+        # click lists a required Choice's values on lines of their own ("Choose from:\n\ta,\n\tb"): keep them.
+        message = _one_line(_lower_first(exc.format_message().replace(":\n\t", ": ").replace(",\n\t", ", ")))
+        message = message.rstrip(".")
         message = message.replace(". Did you mean ", " (did you mean ") + (")" if ". Did you mean " in message else "")
         click.echo(f"error: {message}{where}", err=True)
         sys.exit(EXIT_USAGE)

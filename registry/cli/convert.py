@@ -16,9 +16,9 @@ from .common import _reg, _result, _run, detach_option, float_range, json_option
 @click.option("--outtype", type=click.Choice(OUTTYPES), default="f16", show_default=True,
               help="f16, bf16 and q8_0 come from llama.cpp's converter; the K-quants (q4_k_m, q5_k_m, q6_k) from "
                    "its quantizer, run on the f16 file.")
-@click.option("--pre-tokenizer", type=click.Choice(PRE_TOKENIZERS), metavar="NAME",
-              help="The llama.cpp pre-tokenizer of a byte-level BPE vocabulary its converter does not recognise "
-                   "(e.g. gpt-2, llama-bpe, qwen2); recorded with a warning.")
+@click.option("--pre-tokenizer", metavar="NAME",
+              help="The llama.cpp pre-tokenizer of a byte-level BPE vocabulary its converter does not recognise, "
+                   f"recorded with a warning; one of: {', '.join(PRE_TOKENIZERS)}.")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation (tokenizer, greedy tokens, perplexity).")
 @click.option("--max-ppl-ratio", default=1.5, show_default=True, type=float_range(0, min_open=True),
               help="Fail when the GGUF's perplexity exceeds this multiple of the source's.")

@@ -5,6 +5,7 @@ load torch or llama.cpp.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -54,8 +55,10 @@ def check_options(opts: ConvertOptions) -> None:
     if opts.outtype not in OUTTYPES:
         raise BadInput(f"unknown --outtype {opts.outtype!r}; use one of: {', '.join(OUTTYPES)}")
     if opts.pre_tokenizer is not None and opts.pre_tokenizer not in PRE_TOKENIZERS:
-        raise BadInput(f"unknown --pre-tokenizer {opts.pre_tokenizer!r}; use one llama.cpp knows: "
-                       f"{', '.join(PRE_TOKENIZERS)}")
+        close = difflib.get_close_matches(opts.pre_tokenizer, PRE_TOKENIZERS, n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise BadInput(f"unknown --pre-tokenizer {opts.pre_tokenizer!r}; {hint}use one of the {len(PRE_TOKENIZERS)} "
+                       "llama.cpp knows (e.g. gpt-2, llama-bpe, qwen2; all: registry convert --help)")
     if not opts.max_ppl_ratio > 0:
         raise BadInput(f"--max-ppl-ratio {opts.max_ppl_ratio} is not valid; give a number above 0")
 
