@@ -2,7 +2,8 @@
 (the vendored convert_hf_to_gguf.py) on the same model, exported with `registry export`, in the same run.
 Target (issue 12): the registry adds at most 5% to the wall time, evaluation excluded.
 
-    python bench/convert.py [--hidden 1024] [--layers 8] [--runs 5] [--out bench/out] [--no-eval-run]
+    python bench/convert.py [--hidden 1024] [--layers 8] [--runs 5] [--breakdown-runs 3] [--out bench/out]
+                            [--no-eval-run]
 
 A random Llama (float32 safetensors, SentencePiece tokenizer.model from tests/ggufmodels.py) is imported with
 `--link` into a fresh REGISTRY_HOME (SQLite catalog) and exported to a folder. After one untimed warm-up of
@@ -13,8 +14,9 @@ each, the two commands run alternately (A B A B ...), each as a whole process:
   --model-name src`.
 After each A, `registry rm run-I` and `registry gc` delete the artifact and its blob, so the next A stores a
 new blob (same source and options give the same digest; the script checks that gc freed it and that the
-result says created). Then one A run with the step times recorded inside the process (where the overhead
-goes), and, unless --no-eval-run, one run with the evaluation on (informational, no target).
+result says created). Then --breakdown-runs A runs with the step times recorded inside the process (where the
+overhead goes), each followed by a B run, and, unless --no-eval-run, one run with the evaluation on
+(informational, no target).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ out = sys.argv.pop(1)
 times = {}
 def timed(module, name, label):
     real = getattr(module, name)
+    times[label] = 0.0  # the table lists the steps in this order
     def wrapper(*a, **k):
         start = time.perf_counter()
         try:
@@ -55,6 +58,7 @@ def timed(module, name, label):
 import registry.gguf.convert as c, registry.gguf.converter as cv, registry.gguf.vendor as v
 import registry.gguf.inspect as i
 timed(c, "check_source", "check_source (options, source, architecture; twice: request and job)")
+timed(cv, "supported_architectures", "  of which supported_architectures (ast of the converter's modules)")
 timed(v, "require_llama_cpp", "require_llama_cpp (import llama_cpp)")
 timed(c, "snapshot_path", "snapshot of the source (made in the warm-up, reused)")
 timed(cv, "run_converter", "converter subprocess (convert_main.py)")
@@ -70,8 +74,8 @@ try:
 except SystemExit:
     pass
 finally:
-    times["imports before main (interpreter up to the CLI)"] = t_main - t0
     times["main() in all"] = time.perf_counter() - t_main
+    times["imports before main (of the CLI and the modules timed here)"] = t_main - t0
     open(out, "w").write(json.dumps(times))
 """
 
@@ -172,6 +176,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--runs", type=int, default=5, help="timed runs of each command (after a warm-up)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--breakdown-runs", type=int, default=3, help="runs with timers inside (where the time goes)")
     parser.add_argument("--no-eval-run", action="store_true", help="skip the one run with the evaluation on")
     args = parser.parse_args()
     work = args.out / "convert"
@@ -199,7 +204,12 @@ def main() -> None:
         seconds, file_digest = bench.direct()
         direct.append(seconds)
     load_after = os.getloadavg()
-    step_total, steps = bench.steps("steps")
+    # The breakdown: runs with timers inside, each followed by a B run, so the converter subprocess is compared
+    # with B under the same load.
+    breakdown, direct_again = [], []
+    for i in range(args.breakdown_runs):
+        breakdown.append(bench.steps(f"steps-{i}"))
+        direct_again.append(bench.direct()[0])
     evaluated = None
     if not args.no_eval_run:
         evaluated = bench.ours("evaluated", evaluate=True)
@@ -226,14 +236,8 @@ def main() -> None:
           f"{'met' if overhead <= TARGET else 'MISSED'}); per pair: "
           + ", ".join(f"{(a / b - 1) * 100:+.1f}%" for a, b in zip(ours, direct)))
     print()
-    print(f"where A's time goes (one more run with timers, {step_total:.2f} s as a whole process):")
-    print("| step | seconds |")
-    print("| --- | --- |")
-    for label, seconds in steps.items():
-        print(f"| {label} | {seconds:.3f} |")
-    own = step_total - steps["converter subprocess (convert_main.py)"]
-    print(f"the registry's own time in that run (whole process minus the converter subprocess): {own:.2f} s, "
-          f"{own / statistics.median(direct) * 100:.1f}% of B's median")
+    if breakdown:
+        print_breakdown(breakdown, direct_again)
     if evaluated is not None:
         seconds, result = evaluated
         e = result["evaluation"]
@@ -242,6 +246,24 @@ def main() -> None:
               f"--no-eval run); perplexity ratio {e['perplexity_ratio']}, tokenizer "
               f"{e['tokenizer']['strings'] - e['tokenizer']['mismatches']} of {e['tokenizer']['strings']} strings, "
               f"greedy {e['greedy']['equal']} of {e['greedy']['tokens']} tokens")
+
+
+def print_breakdown(breakdown: list[tuple[float, dict]], direct_again: list[float]) -> None:
+    """Median of each step over the runs with timers, and the converter subprocess against B in the same runs."""
+    converter = "converter subprocess (convert_main.py)"
+    total = statistics.median(t for t, _ in breakdown)
+    print()
+    print(f"where A's time goes ({len(breakdown)} more A runs with timers inside, each followed by a B run; medians):")
+    print("| step | seconds |")
+    print("| --- | --- |")
+    print(f"| A as a whole process | {total:.3f} |")
+    for label in breakdown[0][1]:
+        print(f"| {label} | {statistics.median(steps[label] for _, steps in breakdown):.3f} |")
+    own = [t - steps[converter] for t, steps in breakdown]
+    print(f"| the registry's own time (A minus the converter subprocess) | {statistics.median(own):.3f} |")
+    print(f"| B in the same runs | {statistics.median(direct_again):.3f} |")
+    print("| converter subprocess minus B, per pair | "
+          + ", ".join(f"{steps[converter] - b:+.2f}" for (_, steps), b in zip(breakdown, direct_again)) + " |")
 
 
 if __name__ == "__main__":

@@ -495,6 +495,13 @@ def _rewrite_record(session: Session, artifact: Artifact) -> None:
     after_commit(session, ("artifact", artifact.name), lambda: store.records.put(record))
 
 
+def add_provenance(session: Session, artifact: Artifact, extra: dict[str, Any]) -> None:
+    """Merge `extra` into an artifact's provenance (e.g. the evaluation a later run made of the same content, which
+    the no-op registration would drop) and write its record again. The digest covers kind and files only."""
+    artifact.provenance = {**(artifact.provenance or {}), **extra}
+    _rewrite_record(session, artifact)
+
+
 def register_with_base(session: Session, store: BlobStore, *, base: Artifact | None = None,
                        job_id: int | None = None, **fields: Any) -> tuple[Artifact, bool, Linked | None]:
     """register_artifact for import and pull, which link an adapter to its base the same way: to `base`

@@ -143,3 +143,53 @@ def test_a_wrong_pre_tokenizer_fails_the_tokenizer_check(home, qwen_model_templa
     assert job["state"] == "failed" and "differently from the source's tokenizer" in job["error"]
     err = _one_line_error(run_cli("convert", "qwen", "--to", "gguf", "--pre-tokenizer", "qwen", check=2))
     assert err.startswith("error: unknown --pre-tokenizer 'qwen'; did you mean qwen2")
+
+
+def test_a_name_this_conversion_cannot_make_is_refused_before_converting(sp):
+    """The default name says nothing of --pre-tokenizer, and a name may hold another kind: refused at once."""
+    run_cli("convert", "tiny", "--to", "gguf", "--outtype", "q8_0", "--no-eval")
+    err = _one_line_error(run_cli("convert", "tiny", "--to", "gguf", "--outtype", "q8_0", "--pre-tokenizer",
+                                  "gpt-2", check=2))
+    assert err.startswith("error: name 'tiny-gguf-q8_0' is already used by gguf sha256:") and "--name" in err
+    err = _one_line_error(run_cli("convert", "tiny", "--to", "gguf", "--name", "tiny", check=2))
+    assert err.startswith("error: name 'tiny' is already used by base sha256:")
+    assert [j["type"] for j in cli_json("jobs")] == ["convert"]  # only the first one
+
+
+def test_a_source_transformers_cannot_load_is_refused_before_converting(home, sp_model_template, tmp_path):
+    """llama.cpp's converter does not read model_type, transformers does: the evaluation could not run, which is
+    said before the conversion; --no-eval converts it."""
+    import_here(_variant(sp_model_template, tmp_path / "odd", {"model_type": "foollama"}), "odd")
+    err = _one_line_error(run_cli("convert", "odd", "--to", "gguf", check=2))
+    assert err.startswith("error: the evaluation cannot load the source with transformers (")
+    assert err.endswith("convert it with --no-eval to skip the evaluation")
+    assert cli_json("list", "--kind", "gguf") == []
+    run_cli("convert", "odd", "--to", "gguf", "--no-eval")
+    assert cli_json("list", "--kind", "gguf")[0]["name"] == "odd-gguf-f16"
+
+
+def test_a_job_stopped_during_the_evaluation_stops_there(sp, home):
+    """Cancel (or a lost lease) reaches the evaluation between texts, not after it; nothing is registered."""
+    from registry import Registry
+    from registry.errors import JobCancelled
+    from registry.gguf.convert import convert
+    from registry.gguf.options import ConvertOptions
+    from registry.progress import NullReporter
+
+    class StopAfterConverting(NullReporter):
+        stop, checked = False, 0
+
+        def advance(self, amount: int) -> None:
+            self.stop = True  # the first step done is the conversion
+
+        def check(self) -> None:
+            if self.stop:
+                self.checked += 1
+                raise JobCancelled("job 1 was cancelled")
+
+    reporter = StopAfterConverting()
+    with pytest.raises(JobCancelled):
+        convert(Registry(), "tiny", ConvertOptions(outtype="q8_0"), reporter=reporter)
+    assert reporter.checked == 1
+    assert cli_json("list", "--kind", "gguf") == []
+    assert [p.name for p in (home / "tmp").iterdir()] == []

@@ -46,9 +46,13 @@ def test_convert_f16_registers_a_gguf_with_lineage(sp):
 # The evaluation through the command, on SQLite: the catalog side of convert runs on both backends above.
 @pytest.mark.sqlite_only
 def test_convert_evaluates_the_gguf_against_its_source(sp):
+    """Converted first without the evaluation, then with it: the same file, and the evaluation is kept."""
+    first = json.loads(run_cli("convert", "tiny", "--to", "gguf", "--outtype", "q8_0", "--no-eval", "--json").stdout)
+    assert "evaluation" not in cli_json("show", "tiny-gguf-q8_0")["provenance"]
     out = run_cli("convert", "tiny", "--to", "gguf", "--outtype", "q8_0").stdout.splitlines()
     assert out[0].startswith("converted tiny into tiny-gguf-q8_0 sha256:") and "GGUF q8_0" in out[0]
     assert out[1].startswith("tokenizer: ") and " strings tokenized as the source does; greedy: " in out[1]
+    assert cli_json("show", "tiny-gguf-q8_0")["digest"] == first["digest"]
     e = cli_json("show", "tiny-gguf-q8_0")["provenance"]["evaluation"]
     assert e["tokenizer"]["mismatches"] == 0 and e["tokenizer"]["strings"] >= 100
     assert abs(e["perplexity_ratio"] - 1) < 0.05 and e["max_logit_diff"] < 0.1

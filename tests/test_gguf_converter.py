@@ -281,6 +281,14 @@ def test_supported_architectures_and_versions():
     archs = vendor.supported_architectures()
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM"} <= archs
     assert "TinyFooForCausalLM" not in archs
+    # Read from TEXT_MODEL_MAP alone: every name there is one a converter module registers.
+    registered = set()
+    for module in (vendor.VENDOR_DIR / "conversion").glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register"
+                    and getattr(node.func.value, "id", None) == "ModelBase"):
+                registered |= {a.value for a in node.args if isinstance(a, ast.Constant)}
+    assert len(archs) > 250 and archs <= registered
     assert vendor.converter_versions() == {"llama_cpp_python": "0.3.36", "gguf_py": "0.19.0"}
 
 

@@ -367,6 +367,8 @@ def test_web_page_shows_gguf_facts_and_a_download_link_that_downloads_the_file(g
             assert fact in html
         assert f"hf download chat-gguf-f16 {file['path']} --local-dir chat-gguf-f16" in html
         assert "ollama create chat-gguf-f16" in html and "llama-cli -m chat-gguf-f16/" in html
+        # The Modelfile export --ollama writes (TEMPLATE, stop strings), not a bare FROM.
+        assert "cat &gt; chat-gguf-f16/Modelfile &lt;&lt;&#39;EOF&#39;" in html and "TEMPLATE &#34;&#34;&#34;" in html
         got = httpx.get(url + link.group(1))
         assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == file["sha256"]
         # A model without a chat template says which format --chat uses.
@@ -385,5 +387,5 @@ def test_huggingface_hub_downloads_the_gguf_and_reads_its_gguf_info(ggufs, tmp_p
         info = HfApi(endpoint=url, token=False).model_info("chat-gguf-f16")
         assert info.gguf == {"total": meta["parameter_count"], "architecture": "llama", "context_length": 256,
                              "chat_template": CHAT_TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"}
-        assert "gguf" in info.tags
+        assert "gguf" in info.tags and info.library_name == "gguf"  # as the Hub labels GGUF repos
         assert HfApi(endpoint=url, token=False).model_info("tiny").gguf is None  # only GGUF artifacts have one

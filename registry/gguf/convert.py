@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration import load_calibration
-from ..catalog import Registered, check_new_name, load, register_artifact, require_usable
+from sqlalchemy import select
+
+from ..catalog import Registered, add_provenance, check_new_name, load, register_artifact, require_usable
 from ..core import Registry
-from ..errors import BadInput
+from ..errors import BadInput, Conflict
 from ..export import snapshot_path
 from ..importer import ingest_files
 from ..merge_meta import package_version
+from ..models import Artifact
 from ..progress import NullReporter, Reporter, engine_output
 from .options import ConvertOptions, check_convertible, check_options, gguf_filename, gguf_name
 
@@ -48,14 +51,32 @@ def check_source(reg: Registry, ref: str | int, opts: ConvertOptions, name: str 
     with reg.read_session() as s:
         source = require_usable(load(s, ref))
         check_convertible(source)
-        check_new_name(s, name or gguf_name(source.name, opts.outtype))  # registration checks again
         found = _Source(source.id, source.name, source.digest,
                         sum(f.size for f in source.files if f.path.endswith(".safetensors")), dict(source.meta or {}),
                         {f.path: reg.store.path(f.sha256) for f in source.files})
+        _check_result_name(s, name or gguf_name(source.name, opts.outtype), found, opts)
     from .converter import check_architecture
 
     check_architecture(_config(found))
     return found
+
+
+def _check_result_name(session, name: str, source: _Source, opts: ConvertOptions) -> None:
+    """The result's name is valid, not a tag, and not held by an artifact this request cannot make: another kind,
+    or a conversion of other content or with other options (the default name says nothing of --pre-tokenizer),
+    found now rather than after minutes of work. The same request again proceeds (its registration is a no-op);
+    register_artifact checks once more."""
+    check_new_name(session, name)
+    holder = session.scalars(select(Artifact).where(Artifact.name == name, Artifact.status != "deleted")).first()
+    if holder is None:
+        return
+    made = (holder.provenance or {}).get("conversion") or {}
+    tokenizer = made.get("tokenizer") or {}
+    asked = tokenizer.get("pre_tokenizer") if tokenizer.get("requested") else None
+    if not (holder.kind == "gguf" and made.get("source_digest") == source.digest
+            and made.get("outtype") == opts.outtype and asked == opts.pre_tokenizer):
+        raise Conflict(f"name {name!r} is already used by {holder.kind} {holder.digest[:19]}, which this conversion "
+                       "would not make; choose another --name")
 
 
 def _config(source: _Source) -> dict[str, Any]:
@@ -84,8 +105,12 @@ def convert(reg: Registry, ref: str | int, opts: ConvertOptions, name: str | Non
     source = check_source(reg, ref, opts, name)
     plan = plan_tokenizer(source.files, opts.pre_tokenizer)
     name = name or gguf_name(source.name, opts.outtype)
-    require_llama_cpp()  # the K-quants and the evaluation need it; say so before minutes of conversion
+    require_llama_cpp(load=False)  # the K-quants and the evaluation need it: say so before minutes of conversion
     source_dir = snapshot_path(reg, source.id)
+    if opts.evaluate:
+        from .evaluate import load_source_config
+
+        load_source_config(source_dir)  # a source transformers cannot load: say so before converting
     filename = gguf_filename(source.name, opts.outtype)
     # A scratch folder in the store's temp area, locked while we run: gc leaves it alone until we exit, and
     # removes what a killed run left behind; the finished file is hashed into the store from there.
@@ -103,10 +128,11 @@ def convert(reg: Registry, ref: str | int, opts: ConvertOptions, name: str | Non
             texts = load_calibration(None, None, 0).held_out
             with engine_output():
                 evaluation, more = evaluate(source_dir, conversion.path, texts, opts, source.size,
-                                            conversion.path.stat().st_size)
+                                            conversion.path.stat().st_size, getattr(reporter, "check", None))
             warnings += more
             reporter.advance(1)
-        ingested = ingest_files(reg, {filename: conversion.path}, False, NullReporter())
+        # link=True: the file is ours and on the store's file system, so it becomes the blob without a copy.
+        ingested = ingest_files(reg, {filename: conversion.path}, True, NullReporter())
         reporter.advance(1)
         reporter.finish()
     meta = {k: source.meta[k] for k in SOURCE_META_KEPT if k in source.meta}
@@ -125,5 +151,11 @@ def convert(reg: Registry, ref: str | int, opts: ConvertOptions, name: str | Non
             s, reg.store, name=name, kind="gguf", files=ingested, meta=meta,
             parents=[(load(s, source.id), "base")], provenance=provenance,
             source={"path": f"GGUF {opts.outtype} of {source.name}"}, job_id=job_id)
+        if not created and evaluation is not None and "evaluation" not in (a.provenance or {}):
+            # The same file, registered before without an evaluation (--no-eval): keep this run's.
+            add_provenance(s, a, {"evaluation": evaluation, "conversion": {
+                **((a.provenance or {}).get("conversion") or {}), "evaluated": True,
+                "max_ppl_ratio": opts.max_ppl_ratio, "allow_tokenizer_mismatch": opts.allow_tokenizer_mismatch,
+                "warnings": warnings}})
         return ConvertResult(a.id, a.name, a.digest, len(a.files), a.total_size, created, opts.outtype,
                              evaluation, provenance, warnings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from .options import K_QUANT_TENSOR_TYPE
 from .tokenizer import TokenizerPlan
 from .vendor import LLAMA_CPP_PYTHON_VERSION, VENDOR_DIR, supported_architectures
 
+log = logging.getLogger("registry.gguf")
 CONVERT_MAIN = Path(__file__).resolve().parent / "convert_main.py"
 # convert_main.py's exit codes (it imports nothing of ours, so they are repeated there).
 EXIT_UNKNOWN_PRE_TOKENIZER = 3
@@ -138,6 +140,8 @@ def _run(source_dir: Path, work_dir: Path, filename: str, outtype: str, model_na
     report = _read_report(report_path)
     if rc != 0 or not part.is_file():
         error = _failure(rc, report, log_path, work_dir, model_name, outtype)
+        # The log goes with the scratch folder: `registry --debug` shows its end.
+        log.debug("llama.cpp's converter exited %s; the end of its log:\n%s", rc, _log_tail(log_path, 4096))
         _remove_partials(work_dir, filename)
         raise error
     part.replace(out)
@@ -230,13 +234,17 @@ def _read_report(path: Path) -> dict:
     return report if isinstance(report, dict) else {}
 
 
-def _last_line(log_path: Path) -> str | None:
+def _log_tail(log_path: Path, size: int = 8192) -> str:
     try:
         with open(log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
-            lines = [x.strip() for x in f.read().decode("utf-8", "replace").splitlines() if x.strip()]
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode("utf-8", "replace")
     except OSError:
-        return None
+        return ""
+
+
+def _last_line(log_path: Path) -> str | None:
+    lines = [x.strip() for x in _log_tail(log_path).splitlines() if x.strip()]
     return lines[-1] if lines else None
 
 

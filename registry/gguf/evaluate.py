@@ -22,7 +22,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import BadInput, OperationFailed
 from ..progress import engine_output
@@ -53,16 +53,14 @@ SMALL_MODEL_BYTES = 64 << 20  # below: evaluated on one thread (see _threads)
 
 
 def evaluate(source_dir: Path, gguf_path: Path, texts: list[str], opts: ConvertOptions, source_size: int,
-             gguf_size: int) -> tuple[dict[str, Any], list[str]]:
+             gguf_size: int, check: Callable[[], None] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Compare the GGUF (llama.cpp) with its source (transformers, float32, CPU) on `texts`.
 
     Returns (evaluation, warnings); raises OperationFailed when the tokenizer or the perplexity gate fails.
+    `check` (a job reporter's) is called between texts and may raise: a cancelled job stops within a text.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    with engine_output():
-        tokenizer = AutoTokenizer.from_pretrained(source_dir)
-        config = AutoConfig.from_pretrained(source_dir)
+    check = check or (lambda: None)
+    tokenizer, config = load_source_config(source_dir)
     seq_len = min(MAX_SEQ_LEN, getattr(config, "max_position_embeddings", None) or MAX_SEQ_LEN)
     eval_ids = [ids for ids in (_ids(tokenizer, text)[:seq_len] for text in texts) if len(ids) >= 2]
     if not eval_ids:
@@ -72,7 +70,7 @@ def evaluate(source_dir: Path, gguf_path: Path, texts: list[str], opts: ConvertO
     source_tokens = [_ids(tokenizer, s) for s in strings]
 
     warnings: list[str] = []
-    gguf = _run_gguf(gguf_path, strings, eval_ids, prompt_ids, seq_len, _threads(gguf_size))
+    gguf = _run_gguf(gguf_path, strings, eval_ids, prompt_ids, seq_len, _threads(gguf_size), check)
     tokenizer_result = _compare_tokens(strings, source_tokens, gguf["tokens"], _pieces_of(tokenizer))
     if tokenizer_result["mismatches"]:
         first = tokenizer_result["examples"][0]
@@ -83,7 +81,7 @@ def evaluate(source_dir: Path, gguf_path: Path, texts: list[str], opts: ConvertO
             raise OperationFailed(f"{what}; nothing was registered; --allow-tokenizer-mismatch to keep it anyway")
         warnings.append(f"{what}; kept because of --allow-tokenizer-mismatch")
 
-    source = _run_source(source_dir, eval_ids, prompt_ids, _threads(source_size))
+    source = _run_source(source_dir, eval_ids, prompt_ids, _threads(source_size), check)
     ppl_g = math.exp(gguf["nll"] / gguf["count"])
     ppl_s = math.exp(source["nll"] / source["count"])
     ratio = ppl_g / ppl_s
@@ -111,6 +109,24 @@ def _agreement(gguf: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
     positions = sum(len(a) for a in source["argmax"])
     return {"greedy": {"tokens": GREEDY_TOKENS, "equal": equal}, "max_logit_diff": round(float(logit_diff), 6),
             "top1_agreement": round(agree / positions, 4)}
+
+
+def load_source_config(source_dir: Path):
+    """The source's tokenizer and config as transformers loads them, or BadInput: a model transformers cannot load
+    (a model type it does not know, one that needs trust_remote_code) converts, but cannot be evaluated. convert
+    calls this before converting, so the answer comes before minutes of work."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        with engine_output():
+            return AutoTokenizer.from_pretrained(source_dir), AutoConfig.from_pretrained(source_dir)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types here; all mean the same
+        raise BadInput(f"the evaluation cannot load the source with transformers ({_first_line(exc)}); convert it "
+                       "with --no-eval to skip the evaluation") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def gate_strings(texts: list[str], specials: list[str], windows: int = WINDOWS,
@@ -206,7 +222,7 @@ def _score(logits, ids: list[int]):
 
 
 def _run_gguf(path: Path, strings: list[str], eval_ids: list[list[int]], prompt_ids: list[int], seq_len: int,
-              threads: int) -> dict[str, Any]:
+              threads: int, check: Callable[[], None]) -> dict[str, Any]:
     """Everything the gate needs from llama.cpp, with the model loaded once."""
     import numpy as np
 
@@ -219,13 +235,15 @@ def _run_gguf(path: Path, strings: list[str], eval_ids: list[list[int]], prompt_
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=seq_len, n_batch=seq_len, n_threads=threads,
                                   n_threads_batch=threads, logits_all=True, verbose=False)
         except Exception as exc:  # any failure to load is the answer: the file is not usable
-            raise OperationFailed(f"the GGUF file does not load with llama.cpp: {exc}; nothing was registered") \
-                from None
+            reason = str(exc).replace(str(path), path.name)  # the temporary path is gone once the job ends
+            raise OperationFailed(f"the GGUF file does not load with llama.cpp ({reason}); nothing was registered "
+                                  "(--debug shows llama.cpp's log)") from None
         try:
             tokens = [llm.tokenize(s.encode("utf-8"), add_bos=True, special=False) for s in strings]
             vocab = llm.n_vocab()
             nll, count, argmax, first = 0.0, 0, [], None
             for ids in eval_ids:
+                check()
                 llm.reset()
                 llm.eval(ids)
                 logits = np.array(llm.scores[:len(ids), :vocab], dtype=np.float32)
@@ -248,18 +266,24 @@ def _run_gguf(path: Path, strings: list[str], eval_ids: list[list[int]], prompt_
             "greedy": greedy}
 
 
-def _run_source(source_dir: Path, eval_ids: list[list[int]], prompt_ids: list[int], threads: int) -> dict[str, Any]:
+def _run_source(source_dir: Path, eval_ids: list[list[int]], prompt_ids: list[int], threads: int,
+                check: Callable[[], None]) -> dict[str, Any]:
     """The same from the source with transformers, float32 on the CPU (the reference the GGUF must match)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    with engine_output():
-        model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+    try:
+        with engine_output():
+            model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - as load_source_config
+        raise OperationFailed(f"the evaluation cannot load the source with transformers ({_first_line(exc)}); "
+                              "convert it with --no-eval to skip the evaluation") from None
     model.eval()
     try:
         nll, count, argmax, first = 0.0, 0, [], None
         with torch.no_grad(), _torch_threads(threads):
             for ids in eval_ids:
+                check()
                 logits = model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
                 n, c, top = _score(logits, ids)
                 nll, count = nll + n, count + c

@@ -1,7 +1,7 @@
 """`registry generate` for a GGUF artifact: llama.cpp (llama-cpp-python) loads the file and streams greedy text.
 
-Nothing here imports torch or transformers: a GGUF file carries its own tokenizer and chat template, so a
-machine with only `registry[gguf]`'s llama.cpp can run it. llama_cpp itself is imported only when generating.
+Nothing here imports torch or transformers: a GGUF file carries its own tokenizer and chat template, so llama.cpp
+(llama-cpp-python) alone runs it. llama_cpp itself is imported only when generating.
 """
 from __future__ import annotations
 

@@ -261,6 +261,10 @@ def tags_for(kind: str, meta: dict[str, Any]) -> list[str]:
     return tags
 
 
+# The Hub's library_name: what loads the files (a GGUF repo's is "gguf": llama.cpp and Ollama, not transformers).
+LIBRARY_NAMES = {"adapter": "peft", "gguf": "gguf"}
+
+
 def model_info(rev: RepoRevision) -> dict[str, Any]:
     """The ModelInfo JSON of `GET /api/models/{repo_id}[/revision/{rev}]` (with file sizes and LFS digests)."""
     author = rev.repo_id.split("/")[0] if "/" in rev.repo_id else None
@@ -268,7 +272,7 @@ def model_info(rev: RepoRevision) -> dict[str, Any]:
         "_id": rev.digest, "id": rev.repo_id, "modelId": rev.repo_id, "author": author, "sha": rev.commit,
         "lastModified": hub_time(rev.created_at), "createdAt": hub_time(rev.created_at),
         "private": False, "gated": False, "disabled": False, "downloads": 0, "likes": 0,
-        "tags": tags_for(rev.kind, rev.meta), "library_name": "transformers" if rev.kind != "adapter" else "peft",
+        "tags": tags_for(rev.kind, rev.meta), "library_name": LIBRARY_NAMES.get(rev.kind, "transformers"),
         "usedStorage": sum(f.size for f in rev.files),
         "siblings": [{"rfilename": f.path, "size": f.size, "blobId": f.oid, "lfs": f.lfs("sha256")}
                      for f in rev.files],

@@ -158,9 +158,15 @@ def _snippet(request: Request, d: dict[str, Any], gguf: dict[str, Any] | None = 
     repo = d["name"]
     if gguf is not None:  # llama.cpp and Ollama take the one file (Ollama reads the chat template from it)
         folder = re.sub(r"[^a-z0-9._-]+", "-", repo.rsplit("/", 1)[-1].lower()).strip("-.") or "model"
+        from ..gguf.ollama import modelfile
+
+        try:  # the Modelfile `registry export --ollama` writes: its TEMPLATE and stop strings matter to Ollama
+            ollama = f"cat > {folder}/Modelfile <<'EOF'\n{modelfile(gguf['meta'], gguf['file'])}EOF\n"
+        except BadInput:  # a chat template that does not render: Ollama reads the GGUF's own
+            ollama = f"echo 'FROM ./{gguf['file']}' > {folder}/Modelfile\n"
         return (f"HF_ENDPOINT={base_url} hf download {repo} {gguf['file']} --local-dir {folder}\n"
                 f"llama-cli -m {folder}/{gguf['file']} -cnv\n"
-                f"echo 'FROM ./{gguf['file']}' > {folder}/Modelfile && ollama create {folder} -f {folder}/Modelfile")
+                f"{ollama}ollama create {folder} -f {folder}/Modelfile")
     if d["kind"] == "adapter":  # a LoRA adapter alone is not a causal LM: fetch its files
         code = f"from huggingface_hub import snapshot_download; print(snapshot_download('{repo}'))"
     else:
