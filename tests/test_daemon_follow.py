@@ -150,7 +150,7 @@ def test_config_problems_are_all_reported():
         "follow[0].revision: the repo already names a revision (acme/tiny@v1); give one of the two",
         "follow[0].every: 'soon' is not a duration; write seconds or e.g. \"30s\", \"15m\", \"1h\", \"7d\"",
         "follow[0].endpoint: 'ftp://x' must be an http:// or https:// URL with a host",
-        "follow[0].kind: unknown kind 'blob'; use one of: base, adapter, merged, quantized, checkpoint",
+        "follow[0].kind: unknown kind 'blob'; use one of: base, adapter, merged, quantized, checkpoint, gguf",
         "follow[0].tag: invalid tag 'bad tag': use letters, digits and . _ - / : @ + without '..' "
         "(e.g. llama-7b or org/model:v1)",
         "follow[0].workers: 0 must be a whole number of at least 1",

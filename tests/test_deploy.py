@@ -121,9 +121,9 @@ def test_a_non_editable_install_has_every_module_template_and_static_file():
             if not path.is_file() or "__pycache__" in path.parts or path.suffix == ".pyc":
                 continue
             rel = path.relative_to(ROOT)
-            if path.suffix == ".py":
-                assert rel.parent.as_posix() in folders, f"{rel}: its folder is not in pyproject's packages"
+            if path.suffix == ".py" and rel.parent.as_posix() in folders:
                 continue
+            # Else package data: llama.cpp's vendored converter (registry/_vendor) is run as a script, not imported.
             owners = [(folder, package) for folder, package in folders.items()
                       if rel.as_posix().startswith(folder + "/")]
             folder, package = max(owners, key=lambda fp: len(fp[0]))
