@@ -18,7 +18,7 @@ from typing import Any
 
 from ..core import Registry
 from ..errors import BadInput, DiskFull, OperationFailed
-from .run import LLAMA_CHINESE_PROMPT, render_chat_template
+from .run import LLAMA_CHINESE_PROMPT, gguf_artifact, render_chat_template
 
 # Placeholders no chat template contains; each is found again in the rendered text.
 SYSTEM, USER, ANSWER = "\x01SYSTEM\x01", "\x01USER\x01", "\x01ANSWER\x01"
@@ -181,20 +181,10 @@ def modelfile(gguf_meta: dict[str, Any], gguf_file: str) -> str:
 def export_ollama(reg: Registry, ref: str | int, dest: str | os.PathLike, copy: bool = False) -> Path:
     """DEST/<file>.gguf (reflink, hardlink or copy, as export does) and DEST/Modelfile; DEST must be new or an
     empty folder, and nothing is left on failure."""
-    from ..catalog import load, require_usable
     from ..export import export_artifact
 
-    with reg.read_session() as s:
-        artifact = require_usable(load(s, ref))
-        if artifact.kind != "gguf":
-            raise BadInput(f"{artifact.name} is a {artifact.kind} model, not a GGUF file; convert it first: "
-                           f"registry convert {artifact.name} --to gguf")
-        name, artifact_id = artifact.name, artifact.id
-        gguf_meta = dict((artifact.meta or {}).get("gguf") or {})
-        paths = [f.path for f in artifact.files]
-    gguf_name = gguf_meta.get("file") if gguf_meta.get("file") in paths else \
-        next((p for p in sorted(paths) if p.endswith(".gguf")), None)
-    if gguf_name is None or len(paths) != 1 or "/" in gguf_name:
+    name, artifact_id, gguf_meta, gguf_name, paths = gguf_artifact(reg, ref)
+    if len(paths) != 1 or "/" in gguf_name:
         raise OperationFailed(f"{name} is registered as a GGUF artifact but is not one .gguf file; re-create it "
                               "with registry convert")
     text = modelfile(gguf_meta, gguf_name)  # a template that does not convert fails before anything is written

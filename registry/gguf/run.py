@@ -62,10 +62,9 @@ def chat_prompt(gguf_meta: dict[str, Any], prompt: str) -> str:
 
 # -- the artifact -----------------------------------------------------------------------------------------------
 
-def gguf_file(reg: Registry, ref: str | int) -> tuple[str, dict[str, Any], Path]:
-    """(name, meta["gguf"], path of the .gguf in a read-only snapshot) of a usable GGUF artifact."""
-    from ..export import snapshot_path
-
+def gguf_artifact(reg: Registry, ref: str | int) -> tuple[str, int, dict[str, Any], str, list[str]]:
+    """(name, id, meta["gguf"], the .gguf file's path in it, all its paths) of a usable GGUF artifact; BadInput for
+    another kind (generate and export --ollama share this)."""
     with reg.read_session() as s:
         artifact = require_usable(load(s, ref))
         if artifact.kind != "gguf":
@@ -73,12 +72,20 @@ def gguf_file(reg: Registry, ref: str | int) -> tuple[str, dict[str, Any], Path]
                            f"registry convert {artifact.name} --to gguf")
         name, artifact_id = artifact.name, artifact.id
         gguf_meta = dict((artifact.meta or {}).get("gguf") or {})
-        paths = [f.path for f in artifact.files]
+        paths = sorted(f.path for f in artifact.files)
     wanted = gguf_meta.get("file")
-    path = wanted if wanted in paths else next((p for p in sorted(paths) if p.endswith(".gguf")), None)
+    path = wanted if wanted in paths else next((p for p in paths if p.endswith(".gguf")), None)
     if path is None:
         raise OperationFailed(f"{name} is registered as a GGUF artifact but holds no .gguf file; re-create it "
                               f"with registry convert")
+    return name, artifact_id, gguf_meta, path, paths
+
+
+def gguf_file(reg: Registry, ref: str | int) -> tuple[str, dict[str, Any], Path]:
+    """(name, meta["gguf"], path of the .gguf in a read-only snapshot) of a usable GGUF artifact."""
+    from ..export import snapshot_path
+
+    name, artifact_id, gguf_meta, path, _ = gguf_artifact(reg, ref)
     return name, gguf_meta, snapshot_path(reg, artifact_id) / path
 
 
