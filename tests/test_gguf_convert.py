@@ -120,6 +120,9 @@ def test_convert_through_the_catalog_server(sp):
         bad = httpx.post(f"{url}/v1/jobs", headers=headers,
                          json={"type": "convert", "ref": "tiny", "outtype": "q3_k"})
         assert bad.status_code == 422
+        bad = httpx.post(f"{url}/v1/jobs", headers=headers, json={"type": "convert", "ref": "tiny", "pre_tokenizer": "qwen"})
+        assert bad.status_code == 422 and bad.json()["error"]["message"].startswith(
+            "unknown --pre-tokenizer 'qwen'; did you mean qwen2")
         r = httpx.post(f"{url}/v1/jobs", headers=headers,
                        json={"type": "convert", "ref": "tiny", "outtype": "q8_0", "evaluate": False})
         assert r.status_code == 202 and r.json()["created"] is True

@@ -16,7 +16,7 @@ from pydantic_core import PydanticCustomError
 from sqlalchemy import select
 
 from .. import catalog, jobs, search, submit, tokens
-from ..gguf.options import OUTTYPES, PRE_TOKENIZERS
+from ..gguf.options import OUTTYPES
 from ..models import Artifact, Event, Tag
 from ..schema import JOB_STATES, KINDS, MAX_ID, SCHEMA_HEAD, TOKEN_ROLES
 from .auth import Caller, current_caller, need, session_for
@@ -239,7 +239,9 @@ class ConvertJob(_JobBody):
     ref: Text
     to: Literal["gguf"] = "gguf"
     outtype: Literal[OUTTYPES] = "f16"  # type: ignore[valid-type]
-    pre_tokenizer: Literal[PRE_TOKENIZERS] | None = None  # type: ignore[valid-type]
+    # One of gguf.options.PRE_TOKENIZERS, checked by submit.convert_request: its message names the close ones,
+    # where a Literal of 84 names would list them all.
+    pre_tokenizer: Text | None = Field(None, description="a pre-tokenizer name llama.cpp knows, e.g. gpt-2, qwen2")
     evaluate: bool = True
     max_ppl_ratio: float = Field(1.5, gt=0, le=1e6)
     allow_tokenizer_mismatch: bool = False
