@@ -22,7 +22,7 @@ from .options import K_QUANT_TENSOR_TYPE
 from .tokenizer import TokenizerPlan
 from .vendor import LLAMA_CPP_PYTHON_VERSION, VENDOR_DIR, supported_architectures
 
-log = logging.getLogger("registry.gguf")
+logger = logging.getLogger("registry.gguf")
 CONVERT_MAIN = Path(__file__).resolve().parent / "convert_main.py"
 # convert_main.py's exit codes (it imports nothing of ours, so they are repeated there).
 EXIT_UNKNOWN_PRE_TOKENIZER = 3
@@ -141,7 +141,7 @@ def _run(source_dir: Path, work_dir: Path, filename: str, outtype: str, model_na
     if rc != 0 or not part.is_file():
         error = _failure(rc, report, log_path, work_dir, model_name, outtype)
         # The log goes with the scratch folder: `registry --debug` shows its end.
-        log.debug("llama.cpp's converter exited %s; the end of its log:\n%s", rc, _log_tail(log_path, 4096))
+        logger.debug("llama.cpp's converter exited %s; the end of its log:\n%s", rc, _log_tail(log_path, 4096))
         _remove_partials(work_dir, filename)
         raise error
     part.replace(out)
