@@ -134,8 +134,8 @@ def test_allow_tokenizer_mismatch_keeps_the_gguf_with_a_warning(sp_without_token
 def test_a_file_llama_cpp_cannot_load_fails(gguf_model, sp_f16, texts, tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(sp_f16.path.read_bytes()[:4096])  # a GGUF cut short
-    with pytest.raises(OperationFailed, match="^the GGUF file does not load with llama.cpp: .*; nothing was "
-                                              "registered$"):
+    with pytest.raises(OperationFailed, match=r"^the GGUF file does not load with llama.cpp \(.*broken\.gguf\); "
+                                              "nothing was registered$"):
         _evaluate(gguf_model("sp"), broken, texts)
 
 

@@ -236,8 +236,8 @@ def _run_gguf(path: Path, strings: list[str], eval_ids: list[list[int]], prompt_
                                   n_threads_batch=threads, logits_all=True, verbose=False)
         except Exception as exc:  # any failure to load is the answer: the file is not usable
             reason = str(exc).replace(str(path), path.name)  # the temporary path is gone once the job ends
-            raise OperationFailed(f"the GGUF file does not load with llama.cpp ({reason}); nothing was registered "
-                                  "(--debug shows llama.cpp's log)") from None
+            raise OperationFailed(f"the GGUF file does not load with llama.cpp ({reason}); nothing was registered") \
+                from None
         try:
             tokens = [llm.tokenize(s.encode("utf-8"), add_bos=True, special=False) for s in strings]
             vocab = llm.n_vocab()
