@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, DiskFull, OperationFailed
-from .options import K_QUANT_TENSOR_TYPE
+from .options import K_QUANT_TENSOR_TYPE, file_stem
 from .tokenizer import TokenizerPlan
 from .vendor import LLAMA_CPP_PYTHON_VERSION, VENDOR_DIR, supported_architectures
 
@@ -94,10 +94,9 @@ def _named_source(source_dir: Path, work_dir: Path, model_name: str) -> Path:
     finetune, version and size_label from the folder's name when config.json has no model id, and a store's
     snapshot folder is named by a digest. Named like this, the file is what converting a folder of that name by
     hand gives, and the same source gives the same bytes wherever its snapshot is."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name.rsplit("/", 1)[-1]).strip("-.") or "model"
     holder = work_dir / "source"
     holder.mkdir(exist_ok=True)
-    link = holder / stem
+    link = holder / file_stem(model_name)
     link.unlink(missing_ok=True)
     link.symlink_to(source_dir.resolve(), target_is_directory=True)
     return link

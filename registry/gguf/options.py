@@ -84,8 +84,12 @@ def gguf_name(source_name: str, outtype: str) -> str:
     return f"{source_name}-gguf-{outtype}"
 
 
+def file_stem(name: str) -> str:
+    """An artifact name's last segment as a file or folder name: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.rsplit("/", 1)[-1]).strip("-.") or "model"
+
+
 def gguf_filename(source_name: str, outtype: str) -> str:
     """The one file of a GGUF artifact, named as on the Hub (`llama-7b-chat.Q4_K_M.gguf`): from the source's name
     and the outtype only, so the same source and options give the same digest (which covers file names)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", source_name.rsplit("/", 1)[-1]).strip("-.") or "model"
-    return f"{stem}.{outtype.upper()}.gguf"
+    return f"{file_stem(source_name)}.{outtype.upper()}.gguf"

@@ -157,9 +157,10 @@ def _snippet(request: Request, d: dict[str, Any], gguf: dict[str, Any] | None = 
     base_url = str(request.base_url).rstrip("/")
     repo = d["name"]
     if gguf is not None:  # llama.cpp and Ollama take the one file (Ollama reads the chat template from it)
-        folder = re.sub(r"[^a-z0-9._-]+", "-", repo.rsplit("/", 1)[-1].lower()).strip("-.") or "model"
         from ..gguf.ollama import modelfile
+        from ..gguf.options import file_stem
 
+        folder = file_stem(repo).lower()
         try:  # the Modelfile `registry export --ollama` writes: its TEMPLATE and stop strings matter to Ollama
             ollama = f"cat > {folder}/Modelfile <<'EOF'\n{modelfile(gguf['meta'], gguf['file'])}EOF\n"
         except BadInput:  # a chat template that does not render: Ollama reads the GGUF's own
