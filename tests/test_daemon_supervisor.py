@@ -250,15 +250,17 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0(db_url, home, daemons,
     config = conf("grace = 120\n[pools.io]\nsize = 1\njobs = [\"import\"]\n")
     d = daemons(home, config)
     worker = d.wait_workers(1)[0]["pid"]
-    job = slow_import(tmp_path)
+    # 4 GiB: hashing must outlast two `daemon status` calls even on a fast machine (1 GiB took under 2 s in CI).
+    job = slow_import(tmp_path, 4 * 1024 ** 3)
     wait_for("the import to start", lambda: job_row(job).state == "running")
 
     def shown():  # `daemon status` shows the job under its worker, with its progress from the catalog
+        if f"pid {worker}: job {job} import " not in run_cli("daemon", "status").stdout:
+            return None
         [w] = cli_json("daemon", "status")["daemons"][0]["pools"]["io"]["workers"]
         return w["pid"] == worker and [j for j in w["jobs"] if j["id"] == job and j["progress_total"]]
     [running] = wait_for("the job in daemon status", shown, interval=0.3)
-    assert running["type"] == "import" and running["progress_total"] > 1024 ** 3
-    assert f"pid {worker}: job {job} import " in run_cli("daemon", "status").stdout
+    assert running["type"] == "import" and running["progress_total"] >= 4 * 1024 ** 3
     assert d.stop() == 0  # returns once the worker finished its job
     assert imported_once(job).attempts == 1
     assert "(exit code 0)" in d.log()
