@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInput, OperationFailed, RegistryError
+from .gguf.inspect import describe_gguf_files
 from .models import KINDS
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -155,11 +156,14 @@ def _check_inside(link: Path, rel: str, boundary: Path, folder: Path) -> None:
 
 
 def detect_kind(files: dict[str, Path], meta: dict[str, Any]) -> str:
-    """adapter_config.json -> adapter; a quantization config -> quantized; otherwise base."""
+    """adapter_config.json -> adapter; a quantization config -> quantized; weights that are all .gguf files ->
+    gguf (llama.cpp's format: generate and export --ollama take it); otherwise base."""
     if "adapter_config.json" in files:
         return "adapter"
     if "quantization_config" in meta:
         return "quantized"
+    if all(rel.endswith(".gguf") for rel in files if rel.endswith(WEIGHT_SUFFIXES)):
+        return "gguf"  # scan_folder has checked that there is a weight file
     return "base"
 
 
@@ -186,6 +190,10 @@ def read_metadata(files: dict[str, Path]) -> dict[str, Any]:
     for rel, path in files.items():
         if rel.endswith(".safetensors"):
             params += read_safetensors_header(path, rel)[1]
+    gguf = describe_gguf_files(files)  # a GGUF's header, as a safetensors header above: read, so checked
+    if gguf is not None:
+        meta["gguf"] = gguf
+        params = params or gguf.get("parameter_count") or 0
     if params:
         meta["parameter_count"] = params
     unsafe = [rel for rel in files if rel.endswith(PICKLE_SUFFIXES)]

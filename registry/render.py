@@ -86,7 +86,10 @@ def artifact_details(d: dict[str, Any]) -> None:
         click.echo(f"quantization:    GPTQ int{q['bits']} group {q['group_size']} on {q['device']}, calibration "
                    f"{c['source']} ({c['samples']} samples, {c['digest'][:19]}), seed {q['seed']}")
     g, c = meta.get("gguf"), prov.get("conversion")
-    if isinstance(g, dict):
+    if isinstance(g, dict) and isinstance(g.get("files"), dict):  # several GGUF files, none chosen
+        listed = ", ".join(f"{path} ({outtype or 'unknown type'})" for path, outtype in g["files"].items())
+        click.echo(f"gguf:            {len(g['files'])} files: {listed}")
+    elif isinstance(g, dict):
         types = ", ".join(f"{k} x{v}" for k, v in sorted((g.get("tensor_types") or {}).items(), key=lambda kv: -kv[1]))
         click.echo(f"gguf:            {g.get('outtype')} {g.get('architecture')}, context {g.get('context_length')}, "
                    f"tokenizer {g.get('tokenizer_model')}/{g.get('pre_tokenizer')}, "

@@ -5,6 +5,7 @@ catalog in test_gguf_converter.py and test_gguf_evaluate.py."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,49 @@ def test_convert_through_the_catalog_server(sp):
     assert cli_json("show", "tiny-gguf-q8_0")["kind"] == "gguf"
     events = cli_json("show", "tiny-gguf-q8_0")["events"]
     assert events[0]["kind"] == "registered"
+
+
+def test_gguf_files_imported_or_pulled_are_gguf_artifacts(home, sp_f16, sp_q8_0, sp_model_template, tmp_path):
+    """A folder whose weights are .gguf files (one downloaded from the Hub, a Hub GGUF repo pulled whole) is
+    registered as kind gguf with its header's facts, without --kind; pull takes the same path (scan_folder)."""
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(sp_q8_0.path, one / "tiny.Q8_0.gguf")
+    out = cli_json("import", str(one), "--name", "local-q8")
+    assert out["kind"] == "gguf"
+    shown = cli_json("show", "local-q8")
+    g = shown["metadata"]["gguf"]
+    assert (g["file"], g["outtype"], g["architecture"], g["tokenizer_model"]) == ("tiny.Q8_0.gguf", "q8_0", "llama",
+                                                                                  "llama")
+    assert shown["metadata"]["parameter_count"] == g["parameter_count"] > 0
+    assert "gguf:            q8_0 llama, context 256" in run_cli("show", "local-q8").stdout
+    assert run_cli("generate", "local-q8", "--prompt", "模型", "--max-new-tokens", "4").stdout.strip()
+
+    # Every quantization of a model in one folder: a gguf artifact that names its files; generate needs one.
+    several = tmp_path / "several"
+    several.mkdir()
+    shutil.copy(sp_f16.path, several / "tiny.F16.gguf")
+    shutil.copy(sp_q8_0.path, several / "tiny.Q8_0.gguf")
+    (several / "README.md").write_text("# tiny GGUFs\n")
+    assert cli_json("import", str(several), "--name", "tiny-ggufs")["kind"] == "gguf"
+    g = cli_json("show", "tiny-ggufs")["metadata"]["gguf"]
+    assert g == {"files": {"tiny.F16.gguf": "f16", "tiny.Q8_0.gguf": "q8_0"}}
+    assert "gguf:            2 files: tiny.F16.gguf (f16), tiny.Q8_0.gguf (q8_0)" in run_cli("show", "tiny-ggufs").stdout
+    refused = run_cli("generate", "tiny-ggufs", "--prompt", "hi", check=2)
+    assert refused.stderr == ("error: tiny-ggufs holds 2 GGUF files (tiny.F16.gguf, tiny.Q8_0.gguf); register the one "
+                              "to use on its own, e.g. registry pull REPO --include '*F16.gguf' --name NAME\n")
+    assert run_cli("export", "tiny-ggufs", str(tmp_path / "out"), "--ollama", check=2).stderr == refused.stderr
+    assert not (tmp_path / "out").exists()
+
+    # A model folder with a GGUF beside its safetensors stays a base model; a damaged GGUF is refused.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(sp_model_template, mixed)
+    shutil.copy(sp_f16.path, mixed / "tiny.F16.gguf")
+    assert cli_json("import", str(mixed), "--name", "mixed")["kind"] == "base"
+    damaged = tmp_path / "damaged"
+    (damaged / "q8").mkdir(parents=True)
+    (damaged / "q8" / "model.gguf").write_bytes(sp_f16.path.read_bytes()[:200])
+    proc = run_cli("import", str(damaged), "--name", "damaged", check=2)
+    assert proc.stderr.startswith("error: q8/model.gguf is not a readable GGUF file (damaged or truncated header")
+    assert proc.stderr.endswith("; remove it from the folder or replace it with the whole file\n")
+    assert sorted(a["name"] for a in cli_json("list")) == ["local-q8", "mixed", "tiny-ggufs"]

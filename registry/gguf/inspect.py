@@ -29,6 +29,14 @@ GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8:
               39: "MXFP4", 40: "NVFP4", 41: "Q1_0", 42: "Q2_0"}
 
 
+# llama.cpp's general.file_type (LLAMA_FTYPE_MOSTLY_*), named as --outtype and llama-quantize name them.
+FILE_TYPE_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
+                   11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m",
+                   18: "q6_k", 19: "iq2_xxs", 20: "iq2_xs", 21: "q2_k_s", 22: "iq3_xs", 23: "iq3_xxs", 24: "iq1_s",
+                   25: "iq4_nl", 26: "iq3_s", 27: "iq3_m", 28: "iq2_s", 29: "iq2_m", 30: "iq4_xs", 31: "iq1_m",
+                   32: "bf16", 36: "tq1_0", 37: "tq2_0", 38: "mxfp4_moe"}
+
+
 @dataclass
 class SkippedArray:
     """A metadata array too long to keep: its element type, length and where its elements start."""
@@ -87,6 +95,26 @@ def read_gguf(path: Path) -> dict[str, Any]:
         "tensor_types": dict(sorted(types.items())),
         "parameter_count": sum(math.prod(t.shape) for t in header.tensors),
     }
+
+
+def describe_gguf_files(files: dict[str, Path]) -> dict[str, Any] | None:
+    """meta["gguf"] of a folder being imported or pulled ({path in the artifact: path on disk}): one .gguf file ->
+    its facts (read_gguf) with "file" and "outtype"; several (a Hub repo with every quantization) -> "files",
+    {path: outtype}, and no file chosen; none -> None. BadInput names a .gguf whose header does not read."""
+    ggufs = sorted(rel for rel in files if rel.endswith(".gguf"))
+    if not ggufs:
+        return None
+    facts = {}
+    for rel in ggufs:
+        try:
+            facts[rel] = read_gguf(files[rel])
+        except BadInput as exc:
+            message = str(exc).replace(files[rel].name, rel, 1)  # its path in the folder, not just its name
+            raise BadInput(f"{message}; remove it from the folder or replace it with the whole file") from None
+    if len(ggufs) == 1:
+        [(rel, one)] = facts.items()
+        return {**one, "outtype": FILE_TYPE_NAMES.get(one["file_type"]), "file": rel}
+    return {"files": {rel: FILE_TYPE_NAMES.get(f["file_type"]) for rel, f in facts.items()}}
 
 
 def read_header(path: Path) -> GGUFHeader:

@@ -74,11 +74,22 @@ def gguf_artifact(reg: Registry, ref: str | int) -> tuple[str, int, dict[str, An
         gguf_meta = dict((artifact.meta or {}).get("gguf") or {})
         paths = sorted(f.path for f in artifact.files)
     wanted = gguf_meta.get("file")
-    path = wanted if wanted in paths else next((p for p in paths if p.endswith(".gguf")), None)
+    ggufs = [p for p in paths if p.endswith(".gguf")]
+    if wanted not in paths and len(ggufs) > 1:  # a Hub repo pulled whole: every quantization of one model
+        shown = ", ".join(ggufs[:4]) + (", ..." if len(ggufs) > 4 else "")
+        raise BadInput(f"{name} holds {len(ggufs)} GGUF files ({shown}); register the one to use on its own, "
+                       f"e.g. registry pull REPO --include '*{_example_suffix(ggufs[0])}' --name NAME")
+    path = wanted if wanted in paths else next(iter(ggufs), None)
     if path is None:
         raise OperationFailed(f"{name} is registered as a GGUF artifact but holds no .gguf file; re-create it "
                               f"with registry convert")
     return name, artifact_id, gguf_meta, path, paths
+
+
+def _example_suffix(path: str) -> str:
+    """"Q4_K_M.gguf" of "sub/model.Q4_K_M.gguf" (what --include would pick it by)."""
+    base = path.rsplit("/", 1)[-1]
+    return base.split(".", base.count(".") - 1)[-1] if base.count(".") > 1 else base
 
 
 def gguf_file(reg: Registry, ref: str | int) -> tuple[str, dict[str, Any], Path]:

@@ -143,8 +143,9 @@ def _gguf(d: dict[str, Any]) -> dict[str, Any] | None:
         return None
     meta = (d.get("metadata") or {}).get("gguf") or {}
     paths = [f["path"] for f in d["file_list"]]
-    file = meta.get("file") if meta.get("file") in paths else next((p for p in paths if p.endswith(".gguf")), None)
-    if file is None:
+    ggufs = [p for p in paths if p.endswith(".gguf")]
+    file = meta.get("file") if meta.get("file") in paths else ggufs[0] if len(ggufs) == 1 else None
+    if file is None:  # several GGUF files (a Hub repo pulled whole): the file list has each one
         return None
     url = "/" + urllib.parse.quote(d["name"], safe="/") + "/resolve/" + d["digest"][7:47] + "/" + \
         urllib.parse.quote(file, safe="/")
@@ -168,7 +169,7 @@ def _snippet(request: Request, d: dict[str, Any], gguf: dict[str, Any] | None = 
         return (f"HF_ENDPOINT={base_url} hf download {repo} {gguf['file']} --local-dir {folder}\n"
                 f"llama-cli -m {folder}/{gguf['file']} -cnv\n"
                 f"{ollama}ollama create {folder} -f {folder}/Modelfile")
-    if d["kind"] == "adapter":  # a LoRA adapter alone is not a causal LM: fetch its files
+    if d["kind"] in ("adapter", "gguf"):  # a LoRA adapter alone is not a causal LM; several GGUFs: fetch the files
         code = f"from huggingface_hub import snapshot_download; print(snapshot_download('{repo}'))"
     else:
         code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{repo}')"
