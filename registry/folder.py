@@ -86,7 +86,7 @@ def scan_folder(folder: Path, kind: str | None = None, contain_within: Path | No
         meta = read_metadata(files)
     except OSError as exc:  # an unreadable input is the user's to fix; a retry would fail the same way
         raise _unreadable(exc, folder) from None
-    return FolderScan(folder, files, kind or detect_kind(files, meta), meta)
+    return FolderScan(folder, files, checked_kind(kind, files, meta, str(folder)), meta)
 
 
 # OSErrors that say something about the input (permissions, links, names), not about this machine.
@@ -162,9 +162,22 @@ def detect_kind(files: dict[str, Path], meta: dict[str, Any]) -> str:
         return "adapter"
     if "quantization_config" in meta:
         return "quantized"
-    if all(rel.endswith(".gguf") for rel in files if rel.endswith(WEIGHT_SUFFIXES)):
-        return "gguf"  # scan_folder has checked that there is a weight file
+    if "gguf" in meta:  # weights that are all .gguf files (read_metadata)
+        return "gguf"
     return "base"
+
+
+def checked_kind(kind: str | None, files: dict[str, Path], meta: dict[str, Any], what: str) -> str:
+    """The kind asked for (--kind), or the one detected; GGUF weights are no transformers model, whatever asked."""
+    if kind not in (None, "gguf", "checkpoint") and "gguf" in meta:
+        raise BadInput(f"{what} holds GGUF weights only, which are kind gguf, not {kind}; leave out --kind {kind}")
+    return kind or detect_kind(files, meta)
+
+
+def gguf_only(files: dict[str, Path]) -> bool:
+    """Whether the folder's weights are all .gguf files (a GGUF beside safetensors is just a file of the model)."""
+    weights = [rel for rel in files if rel.endswith(WEIGHT_SUFFIXES)]
+    return bool(weights) and all(rel.endswith(".gguf") for rel in weights)
 
 
 def read_metadata(files: dict[str, Path]) -> dict[str, Any]:
@@ -190,10 +203,9 @@ def read_metadata(files: dict[str, Path]) -> dict[str, Any]:
     for rel, path in files.items():
         if rel.endswith(".safetensors"):
             params += read_safetensors_header(path, rel)[1]
-    gguf = describe_gguf_files(files)  # a GGUF's header, as a safetensors header above: read, so checked
-    if gguf is not None:
-        meta["gguf"] = gguf
-        params = params or gguf.get("parameter_count") or 0
+    if gguf_only(files):  # their headers read, and checked whole, as the safetensors headers above
+        meta["gguf"] = describe_gguf_files(files)
+        params = meta["gguf"].get("parameter_count") or 0
     if params:
         meta["parameter_count"] = params
     unsafe = [rel for rel in files if rel.endswith(PICKLE_SUFFIXES)]

@@ -87,7 +87,7 @@ def ingest_files(reg: Registry, files: dict[str, Path], link: bool, reporter: Re
 MAX_EXTRA_META_BYTES = 64 * 1024  # metadata a job adds (training facts): small, it lands in every listing
 # What read_metadata derives from the files: extra metadata may not override it.
 FILE_META_KEYS = {"model_type", "architectures", "dtype", "quantization_config", "peft_config", "parameter_count",
-                  "unsafe_files"}
+                  "unsafe_files", "gguf"}
 
 
 def check_import_extras(extra_meta: Any = None, tags: Any = None, exclude: Any = None) -> None:

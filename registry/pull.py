@@ -19,7 +19,7 @@ from . import hub
 from .catalog import check_new_name, check_tag, name_available, register_with_base, tag_artifact
 from .core import Registry
 from .errors import DiskFull, NotFound, OperationFailed
-from .folder import detect_kind, read_metadata
+from .folder import checked_kind, read_metadata
 from .gclock import register_retrying, release_pins
 from .manifest import build_manifest, manifest_digest
 from .models import Artifact, Blob, Tag
@@ -346,7 +346,7 @@ def filtered_name(repo_id: str, commit: str, digest: str) -> str:
 def _register(reg: Registry, r: _Request, ingested: dict[str, Ingested], job_id: int | None,
               downloaded: int, downloader: Downloader) -> PullResult:
     meta = read_metadata({rel: reg.store.path(i.sha256) for rel, i in ingested.items()})
-    kind = r.kind or detect_kind(dict.fromkeys(ingested), meta)
+    kind = checked_kind(r.kind, dict.fromkeys(ingested), meta, f"{r.repo_id}@{r.commit[:12]}")
     digest = manifest_digest(build_manifest(kind, ((p, i.size, i.sha256) for p, i in ingested.items())))
     repo_tag, tags = _tags(r)
     with reg.session() as s:

@@ -141,45 +141,93 @@ def test_convert_through_the_catalog_server(sp):
 
 def test_gguf_files_imported_or_pulled_are_gguf_artifacts(home, sp_f16, sp_q8_0, sp_model_template, tmp_path):
     """A folder whose weights are .gguf files (one downloaded from the Hub, a Hub GGUF repo pulled whole) is
-    registered as kind gguf with its header's facts, without --kind; pull takes the same path (scan_folder)."""
+    registered as kind gguf with its header's facts, without --kind; pull takes the same path (read_metadata)."""
     one = tmp_path / "one"
-    one.mkdir()
-    shutil.copy(sp_q8_0.path, one / "tiny.Q8_0.gguf")
+    (one / "q8").mkdir(parents=True)
+    shutil.copy(sp_q8_0.path, one / "q8" / "tiny.Q8_0.gguf")
+    (one / "README.md").write_text("# tiny, 8-bit\n")
     out = cli_json("import", str(one), "--name", "local-q8")
     assert out["kind"] == "gguf"
     shown = cli_json("show", "local-q8")
     g = shown["metadata"]["gguf"]
-    assert (g["file"], g["outtype"], g["architecture"], g["tokenizer_model"]) == ("tiny.Q8_0.gguf", "q8_0", "llama",
-                                                                                  "llama")
+    assert (g["file"], g["outtype"], g["architecture"], g["tokenizer_model"]) == ("q8/tiny.Q8_0.gguf", "q8_0",
+                                                                                  "llama", "llama")
     assert shown["metadata"]["parameter_count"] == g["parameter_count"] > 0
     assert "gguf:            q8_0 llama, context 256" in run_cli("show", "local-q8").stdout
     assert run_cli("generate", "local-q8", "--prompt", "模型", "--max-new-tokens", "4").stdout.strip()
+    # export --ollama: the artifact's files as they are, and a Modelfile whose FROM names the GGUF among them.
+    run_cli("export", "local-q8", str(tmp_path / "ollama"), "--ollama")
+    assert (tmp_path / "ollama" / "q8" / "tiny.Q8_0.gguf").read_bytes() == sp_q8_0.path.read_bytes()
+    assert "FROM ./q8/tiny.Q8_0.gguf\n" in (tmp_path / "ollama" / "Modelfile").read_text()
+    assert (tmp_path / "ollama" / "README.md").is_file()
 
     # Every quantization of a model in one folder: a gguf artifact that names its files; generate needs one.
     several = tmp_path / "several"
     several.mkdir()
     shutil.copy(sp_f16.path, several / "tiny.F16.gguf")
     shutil.copy(sp_q8_0.path, several / "tiny.Q8_0.gguf")
-    (several / "README.md").write_text("# tiny GGUFs\n")
     assert cli_json("import", str(several), "--name", "tiny-ggufs")["kind"] == "gguf"
     g = cli_json("show", "tiny-ggufs")["metadata"]["gguf"]
     assert g == {"files": {"tiny.F16.gguf": "f16", "tiny.Q8_0.gguf": "q8_0"}}
     assert "gguf:            2 files: tiny.F16.gguf (f16), tiny.Q8_0.gguf (q8_0)" in run_cli("show", "tiny-ggufs").stdout
     refused = run_cli("generate", "tiny-ggufs", "--prompt", "hi", check=2)
     assert refused.stderr == ("error: tiny-ggufs holds 2 GGUF files (tiny.F16.gguf, tiny.Q8_0.gguf); register the one "
-                              "to use on its own, e.g. registry pull REPO --include '*F16.gguf' --name NAME\n")
+                              "to run on its own: registry import a folder that holds only that file\n")
     assert run_cli("export", "tiny-ggufs", str(tmp_path / "out"), "--ollama", check=2).stderr == refused.stderr
     assert not (tmp_path / "out").exists()
+    from registry.gguf.run import several_ggufs  # pulled: the hint names the repo and a runnable file's tail
 
-    # A model folder with a GGUF beside its safetensors stays a base model; a damaged GGUF is refused.
+    files = ["mmproj-model-f16.gguf", "qwen2-7b-instruct-q4_k_m.gguf", "qwen2-7b-instruct-q8_0.gguf"]
+    assert several_ggufs("q", files, "Qwen/Qwen2-7B-Instruct-GGUF").endswith(
+        ": registry pull Qwen/Qwen2-7B-Instruct-GGUF --include '*qwen2-7b-instruct-q4_k_m.gguf' --name NAME")
+
+    # GGUF weights are kind gguf whatever --kind says; a GGUF beside safetensors is a file of a base model (not
+    # read); a truncated GGUF is refused with its path, and nothing is registered.
+    proc = run_cli("import", str(several), "--name", "as-base", "--kind", "base", check=2)
+    assert proc.stderr == (f"error: {several} holds GGUF weights only, which are kind gguf, not base; "
+                           "leave out --kind base\n")
     mixed = tmp_path / "mixed"
     shutil.copytree(sp_model_template, mixed)
-    shutil.copy(sp_f16.path, mixed / "tiny.F16.gguf")
-    assert cli_json("import", str(mixed), "--name", "mixed")["kind"] == "base"
+    (mixed / "old.gguf").write_bytes(b"GGUF" + (1).to_bytes(4, "little"))  # a GGUF v1: not read
+    mixed_out = cli_json("import", str(mixed), "--name", "mixed")
+    assert mixed_out["kind"] == "base" and "gguf" not in cli_json("show", "mixed")["metadata"]
     damaged = tmp_path / "damaged"
     (damaged / "q8").mkdir(parents=True)
-    (damaged / "q8" / "model.gguf").write_bytes(sp_f16.path.read_bytes()[:200])
+    (damaged / "q8" / "model.gguf").write_bytes(sp_q8_0.path.read_bytes()[:1_000_000])  # a download cut short
     proc = run_cli("import", str(damaged), "--name", "damaged", check=2)
-    assert proc.stderr.startswith("error: q8/model.gguf is not a readable GGUF file (damaged or truncated header")
-    assert proc.stderr.endswith("; remove it from the folder or replace it with the whole file\n")
+    assert proc.stderr == (f"error: q8/model.gguf is truncated: its tensors end at byte "
+                           f"{sp_q8_0.path.stat().st_size:,} but the file has 1,000,000 bytes; download it again\n")
     assert sorted(a["name"] for a in cli_json("list")) == ["local-q8", "mixed", "tiny-ggufs"]
+
+
+# The pull side on SQLite: pull registers through the same read_metadata as import (both backends above).
+@pytest.mark.sqlite_only
+def test_a_gguf_repo_pulled_from_an_hf_endpoint(home, sp_f16, sp_q8_0, tmp_path):
+    """A registry's catalog is an HF endpoint: pulling a repo of two GGUF files whole gives an artifact that lists
+    them; pulling one with --include gives one that runs. Its web page offers the files, not a transformers load."""
+    import httpx
+
+    from registry import Registry
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(sp_f16.path, repo / "tiny.F16.gguf")
+    shutil.copy(sp_q8_0.path, repo / "tiny.Q8_0.gguf")
+    (repo / "README.md").write_text("# tiny GGUFs\n")
+    import_here(repo, "acme/tiny-GGUF")
+    other = {"REGISTRY_HOME": str(tmp_path / "home2"), "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "",
+             "REGISTRY_URL": ""}
+    with serve_in_thread(Registry(), anonymous=True) as url:
+        page = httpx.get(f"{url}/models/acme/tiny-GGUF").text
+        assert 'class="gguf"' not in page and "snapshot_download(&#39;acme/tiny-GGUF&#39;)" in page
+        whole = json.loads(run_cli("pull", "acme/tiny-GGUF", "--endpoint", url, "--json", env=other).stdout)
+        one = json.loads(run_cli("pull", "acme/tiny-GGUF", "--endpoint", url, "--include", "*Q8_0.gguf", "--name",
+                                 "tiny-q8", "--json", env=other).stdout)
+    assert (whole["kind"], one["kind"]) == ("gguf", "gguf")
+    shown = json.loads(run_cli("show", whole["name"], "--json", env=other).stdout)
+    assert shown["metadata"]["gguf"] == {"files": {"tiny.F16.gguf": "f16", "tiny.Q8_0.gguf": "q8_0"}}
+    refused = run_cli("generate", whole["name"], "--prompt", "hi", env=other, check=2)
+    assert refused.stderr.endswith(": registry pull acme/tiny-GGUF --include '*F16.gguf' --name NAME\n")
+    g = json.loads(run_cli("show", "tiny-q8", "--json", env=other).stdout)["metadata"]["gguf"]
+    assert (g["file"], g["outtype"]) == ("tiny.Q8_0.gguf", "q8_0")
+    assert run_cli("generate", "tiny-q8", "--prompt", "模型", "--max-new-tokens", "4", env=other).stdout.strip()

@@ -271,8 +271,72 @@ def test_read_gguf_refuses_what_is_not_gguf(tmp_path, sp_f16):
         read_gguf(not_gguf)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(sp_f16.path.read_bytes()[:2000])
-    with pytest.raises(BadInput, match="damaged or truncated"):
+    with pytest.raises(BadInput, match="damaged or truncated: its header ends before the file does; download it"):
         read_gguf(truncated)
+    # A download cut short in the tensor data keeps its whole header: the tensors it lists must fit in the file.
+    whole = sp_f16.path.read_bytes()
+    truncated.write_bytes(whole[:-1])
+    with pytest.raises(BadInput, match=f"^truncated.gguf is truncated: its tensors end at byte {len(whole):,} but "
+                                       f"the file has {len(whole) - 1:,} bytes; download it again$"):
+        read_gguf(truncated)
+    pointer = tmp_path / "pointer.gguf"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 2901536\n")
+    with pytest.raises(BadInput, match="pointer.gguf is a Git LFS pointer, not the file; fetch the file itself"):
+        read_gguf(pointer)
+
+
+def _gguf_bytes(kvs: list[bytes], tensors: list[tuple], data: bytes = b"") -> bytes:
+    """A little-endian GGUF v3 file: metadata entries (_kv), (name, shape, type id, offset) tensors, their data."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs)
+    for name, shape, type_id, offset in tensors:
+        out += _gguf_str(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in shape)
+        out += struct.pack("<IQ", type_id, offset)
+    return out + b"\0" * (-len(out) % 32) + data  # the data section starts aligned (general.alignment 32)
+
+
+def _gguf_str(text: str) -> bytes:
+    return struct.pack("<Q", len(text.encode())) + text.encode()
+
+
+def _kv(key: str, type_id: int, payload: bytes) -> bytes:
+    return _gguf_str(key) + struct.pack("<I", type_id) + payload
+
+
+@pytest.mark.parametrize("kvs, tensors, error", [
+    # Each of these once hung the reader, ate memory or crashed it with a Python error instead of a refusal.
+    ([], [("t", [2 ** 64 - 1] * 100_000, 0, 0)], "tensor 't' has 100000 dimensions (at most 4)"),
+    ([], [("t", [2 ** 40] * 4, 0, 0)], "tensor 't' claims 1461501637330902918203684832716283019655932542976 elements"),
+    ([_kv("a", 9, struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0))], [], "arrays nested more than 4 deep"),
+    ([_kv("a", 9, struct.pack("<IQ", 8, 2 ** 40))], [], "an array of 1099511627776 elements"),
+    ([], [("x" * 10_000, [1], 0, 0)], "a name of 10000 bytes"),
+    ([], 2 ** 21, "it claims 2097152 tensors"),  # the count alone is refused: no entries written
+])
+def test_read_gguf_refuses_hostile_headers_at_once(tmp_path, kvs, tensors, error):
+    path = tmp_path / "hostile.gguf"
+    if isinstance(tensors, int):
+        path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, tensors, 0))
+    else:
+        path.write_bytes(_gguf_bytes(kvs, tensors))
+    with pytest.raises(BadInput) as refused:
+        read_gguf(path)
+    assert str(refused.value).startswith("hostile.gguf is damaged or truncated: its header is not valid GGUF (")
+    assert error in str(refused.value)
+
+
+def test_read_gguf_records_only_values_of_the_expected_type(tmp_path):
+    """A header may say anything: a NaN context length or an array file type is not recorded (JSON has no NaN)."""
+    path = tmp_path / "odd.gguf"
+    path.write_bytes(_gguf_bytes([
+        _kv("general.architecture", 8, _gguf_str("llama")),
+        _kv("llama.context_length", 6, struct.pack("<f", float("nan"))),
+        _kv("general.file_type", 9, struct.pack("<IQI", 4, 1, 1)),
+        _kv("tokenizer.ggml.bos_token_id", 9, struct.pack("<IQI", 4, 1, 1)),
+        _kv("tokenizer.ggml.add_bos_token", 4, struct.pack("<I", 1)),
+    ], [("w", [4, 2], 0, 0)], b"\0" * 32))
+    meta = read_gguf(path)
+    assert meta["architecture"] == "llama" and meta["parameter_count"] == 8
+    assert (meta["context_length"], meta["file_type"], meta["bos_token_id"], meta["add_bos_token"]) == (None,) * 4
+    json.dumps(meta, allow_nan=False)
 
 
 # --- the vendored converter ------------------------------------------------------------------------------------

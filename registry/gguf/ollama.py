@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import Registry
-from ..errors import BadInput, DiskFull, OperationFailed
+from ..errors import BadInput, DiskFull
 from .run import LLAMA_CHINESE_PROMPT, gguf_artifact, render_chat_template
 
 # Placeholders no chat template contains; each is found again in the rendered text.
@@ -183,10 +183,8 @@ def export_ollama(reg: Registry, ref: str | int, dest: str | os.PathLike, copy: 
     empty folder, and nothing is left on failure."""
     from ..export import export_artifact
 
+    # The artifact's other files (a README, a config.json from the Hub) are exported too: FROM names the GGUF.
     name, artifact_id, gguf_meta, gguf_name, paths = gguf_artifact(reg, ref)
-    if len(paths) != 1 or "/" in gguf_name:
-        raise OperationFailed(f"{name} is registered as a GGUF artifact but is not one .gguf file; re-create it "
-                              "with registry convert")
     text = modelfile(gguf_meta, gguf_name)  # a template that does not convert fails before anything is written
     dest = Path(dest).absolute()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):

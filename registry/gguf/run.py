@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -71,14 +72,13 @@ def gguf_artifact(reg: Registry, ref: str | int) -> tuple[str, int, dict[str, An
             raise BadInput(f"{artifact.name} is a {artifact.kind} model, not a GGUF file; convert it first: "
                            f"registry convert {artifact.name} --to gguf")
         name, artifact_id = artifact.name, artifact.id
+        source_repo = artifact.source_repo
         gguf_meta = dict((artifact.meta or {}).get("gguf") or {})
         paths = sorted(f.path for f in artifact.files)
     wanted = gguf_meta.get("file")
     ggufs = [p for p in paths if p.endswith(".gguf")]
     if wanted not in paths and len(ggufs) > 1:  # a Hub repo pulled whole: every quantization of one model
-        shown = ", ".join(ggufs[:4]) + (", ..." if len(ggufs) > 4 else "")
-        raise BadInput(f"{name} holds {len(ggufs)} GGUF files ({shown}); register the one to use on its own, "
-                       f"e.g. registry pull REPO --include '*{_example_suffix(ggufs[0])}' --name NAME")
+        raise BadInput(several_ggufs(name, ggufs, source_repo))
     path = wanted if wanted in paths else next(iter(ggufs), None)
     if path is None:
         raise OperationFailed(f"{name} is registered as a GGUF artifact but holds no .gguf file; re-create it "
@@ -86,10 +86,16 @@ def gguf_artifact(reg: Registry, ref: str | int) -> tuple[str, int, dict[str, An
     return name, artifact_id, gguf_meta, path, paths
 
 
-def _example_suffix(path: str) -> str:
-    """"Q4_K_M.gguf" of "sub/model.Q4_K_M.gguf" (what --include would pick it by)."""
-    base = path.rsplit("/", 1)[-1]
-    return base.split(".", base.count(".") - 1)[-1] if base.count(".") > 1 else base
+def several_ggufs(name: str, ggufs: list[str], repo: str | None) -> str:
+    """Why an artifact of several GGUF files cannot run, and how to register the one to run."""
+    shown = ", ".join(ggufs[:4]) + (", ..." if len(ggufs) > 4 else "")
+    # The example: a runnable file (not a split shard, not a vision projector), by the tail --include matches.
+    runnable = [p for p in ggufs if not re.search(r"-\d{5}-of-\d{5}\.gguf$", p) and "mmproj" not in p.lower()]
+    base = (runnable or ggufs)[0].rsplit("/", 1)[-1]
+    tail = base.split(".")[-2] + ".gguf" if base.count(".") > 1 else base
+    how = (f"registry pull {repo} --include '*{tail}' --name NAME" if repo
+           else "registry import a folder that holds only that file")
+    return f"{name} holds {len(ggufs)} GGUF files ({shown}); register the one to run on its own: {how}"
 
 
 def gguf_file(reg: Registry, ref: str | int) -> tuple[str, dict[str, Any], Path]:
