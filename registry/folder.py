@@ -156,14 +156,14 @@ def _check_inside(link: Path, rel: str, boundary: Path, folder: Path) -> None:
 
 
 def detect_kind(files: dict[str, Path], meta: dict[str, Any]) -> str:
-    """adapter_config.json -> adapter; a quantization config -> quantized; weights that are all .gguf files ->
-    gguf (llama.cpp's format: generate and export --ollama take it); otherwise base."""
+    """Weights that are all .gguf files -> gguf (llama.cpp's format, whatever configs lie beside them: generate and
+    export --ollama take it); adapter_config.json -> adapter; a quantization config -> quantized; otherwise base."""
+    if "gguf" in meta:  # read_metadata read them
+        return "gguf"
     if "adapter_config.json" in files:
         return "adapter"
     if "quantization_config" in meta:
         return "quantized"
-    if "gguf" in meta:  # weights that are all .gguf files (read_metadata)
-        return "gguf"
     return "base"
 
 

@@ -183,9 +183,11 @@ def test_gguf_files_imported_or_pulled_are_gguf_artifacts(home, sp_f16, sp_q8_0,
 
     # GGUF weights are kind gguf whatever --kind says; a GGUF beside safetensors is a file of a base model (not
     # read); a truncated GGUF is refused with its path, and nothing is registered.
+    (several / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"bits": 4}}))
     proc = run_cli("import", str(several), "--name", "as-base", "--kind", "base", check=2)
     assert proc.stderr == (f"error: {several} holds GGUF weights only, which are kind gguf, not base; "
                            "leave out --kind base\n")
+    assert cli_json("import", str(several), "--name", "with-config")["kind"] == "gguf"  # not quantized
     mixed = tmp_path / "mixed"
     shutil.copytree(sp_model_template, mixed)
     (mixed / "old.gguf").write_bytes(b"GGUF" + (1).to_bytes(4, "little"))  # a GGUF v1: not read
@@ -197,7 +199,7 @@ def test_gguf_files_imported_or_pulled_are_gguf_artifacts(home, sp_f16, sp_q8_0,
     proc = run_cli("import", str(damaged), "--name", "damaged", check=2)
     assert proc.stderr == (f"error: q8/model.gguf is truncated: its tensors end at byte "
                            f"{sp_q8_0.path.stat().st_size:,} but the file has 1,000,000 bytes; download it again\n")
-    assert sorted(a["name"] for a in cli_json("list")) == ["local-q8", "mixed", "tiny-ggufs"]
+    assert sorted(a["name"] for a in cli_json("list")) == ["local-q8", "mixed", "tiny-ggufs", "with-config"]
 
 
 # The pull side on SQLite: pull registers through the same read_metadata as import (both backends above).
@@ -227,7 +229,8 @@ def test_a_gguf_repo_pulled_from_an_hf_endpoint(home, sp_f16, sp_q8_0, tmp_path)
     shown = json.loads(run_cli("show", whole["name"], "--json", env=other).stdout)
     assert shown["metadata"]["gguf"] == {"files": {"tiny.F16.gguf": "f16", "tiny.Q8_0.gguf": "q8_0"}}
     refused = run_cli("generate", whole["name"], "--prompt", "hi", env=other, check=2)
-    assert refused.stderr.endswith(": registry pull acme/tiny-GGUF --include '*F16.gguf' --name NAME\n")
+    assert refused.stderr.endswith(f": registry pull acme/tiny-GGUF --endpoint {url} --include '*F16.gguf' "
+                                   "--name NAME\n")
     g = json.loads(run_cli("show", "tiny-q8", "--json", env=other).stdout)["metadata"]["gguf"]
     assert (g["file"], g["outtype"]) == ("tiny.Q8_0.gguf", "q8_0")
     assert run_cli("generate", "tiny-q8", "--prompt", "模型", "--max-new-tokens", "4", env=other).stdout.strip()

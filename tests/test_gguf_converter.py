@@ -271,7 +271,7 @@ def test_read_gguf_refuses_what_is_not_gguf(tmp_path, sp_f16):
         read_gguf(not_gguf)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(sp_f16.path.read_bytes()[:2000])
-    with pytest.raises(BadInput, match="damaged or truncated: its header ends before the file does; download it"):
+    with pytest.raises(BadInput, match="damaged or truncated: the file ends inside its header; download it again"):
         read_gguf(truncated)
     # A download cut short in the tensor data keeps its whole header: the tensors it lists must fit in the file.
     whole = sp_f16.path.read_bytes()
@@ -285,21 +285,28 @@ def test_read_gguf_refuses_what_is_not_gguf(tmp_path, sp_f16):
         read_gguf(pointer)
 
 
-def _gguf_bytes(kvs: list[bytes], tensors: list[tuple], data: bytes = b"") -> bytes:
-    """A little-endian GGUF v3 file: metadata entries (_kv), (name, shape, type id, offset) tensors, their data."""
-    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs)
+def _gguf_bytes(kvs: list[bytes], tensors: list[tuple], data: bytes = b"", order: str = "<") -> bytes:
+    """A GGUF v3 file: metadata entries (_kv), (name, shape, type id, offset) tensors, their data."""
+    out = b"GGUF" + struct.pack(f"{order}IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs)
     for name, shape, type_id, offset in tensors:
-        out += _gguf_str(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in shape)
-        out += struct.pack("<IQ", type_id, offset)
+        out += _gguf_str(name, order) + struct.pack(f"{order}I", len(shape))
+        out += b"".join(struct.pack(f"{order}Q", d) for d in shape) + struct.pack(f"{order}IQ", type_id, offset)
     return out + b"\0" * (-len(out) % 32) + data  # the data section starts aligned (general.alignment 32)
 
 
-def _gguf_str(text: str) -> bytes:
-    return struct.pack("<Q", len(text.encode())) + text.encode()
+def _gguf_str(text: str | bytes, order: str = "<") -> bytes:
+    raw = text if isinstance(text, bytes) else text.encode()
+    return struct.pack(f"{order}Q", len(raw)) + raw
 
 
-def _kv(key: str, type_id: int, payload: bytes) -> bytes:
-    return _gguf_str(key) + struct.pack("<I", type_id) + payload
+def _kv(key: str, type_id: int, payload: bytes, order: str = "<") -> bytes:
+    return _gguf_str(key, order) + struct.pack(f"{order}I", type_id) + payload
+
+
+def _tokens(texts: list[bytes], order: str = "<") -> bytes:
+    """tokenizer.ggml.tokens: an array of strings."""
+    return _kv("tokenizer.ggml.tokens", 9, struct.pack(f"{order}IQ", 8, len(texts)) +
+               b"".join(_gguf_str(t, order) for t in texts), order)
 
 
 @pytest.mark.parametrize("kvs, tensors, error", [
@@ -310,6 +317,9 @@ def _kv(key: str, type_id: int, payload: bytes) -> bytes:
     ([_kv("a", 9, struct.pack("<IQ", 8, 2 ** 40))], [], "an array of 1099511627776 elements"),
     ([], [("x" * 10_000, [1], 0, 0)], "a name of 10000 bytes"),
     ([], 2 ** 21, "it claims 2097152 tensors"),  # the count alone is refused: no entries written
+    # A bos token that is not UTF-8, in a vocabulary long enough to be skipped and read back for its texts.
+    ([_tokens([b"\xff"] + [b"t"] * 300), _kv("tokenizer.ggml.bos_token_id", 4, struct.pack("<I", 0))], [],
+     "'utf-8' codec can't decode byte 0xff"),
 ])
 def test_read_gguf_refuses_hostile_headers_at_once(tmp_path, kvs, tensors, error):
     path = tmp_path / "hostile.gguf"
@@ -337,6 +347,32 @@ def test_read_gguf_records_only_values_of_the_expected_type(tmp_path):
     assert meta["architecture"] == "llama" and meta["parameter_count"] == 8
     assert (meta["context_length"], meta["file_type"], meta["bos_token_id"], meta["add_bos_token"]) == (None,) * 4
     json.dumps(meta, allow_nan=False)
+    # Token "texts" that are floats; a vocabulary that is one long string instead of an array.
+    path.write_bytes(_gguf_bytes([
+        _kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 6, 2) + struct.pack("<ff", float("nan"), float("inf"))),
+        _kv("tokenizer.ggml.bos_token_id", 4, struct.pack("<I", 0)),
+        _kv("tokenizer.ggml.eos_token_id", 4, struct.pack("<I", 1))], []))
+    meta = read_gguf(path)
+    assert (meta["bos_token_id"], meta["bos_token"], meta["eos_token"]) == (0, None, None)
+    json.dumps(meta, allow_nan=False)
+    path.write_bytes(_gguf_bytes([_kv("tokenizer.ggml.tokens", 8, _gguf_str("x" * (2 << 20))),
+                                  _kv("tokenizer.ggml.bos_token_id", 4, struct.pack("<I", 0))], []))
+    meta = read_gguf(path)
+    assert (meta["vocab_size"], meta["bos_token"]) == (None, None)
+
+
+def test_read_gguf_reads_a_big_endian_file_in_its_byte_order(tmp_path):
+    path = tmp_path / "big.gguf"
+    path.write_bytes(_gguf_bytes([
+        _kv("general.architecture", 8, _gguf_str("llama", ">"), ">"),
+        _tokens([b"<unk>", b"<s>", b"</s>"] + [b"t%d" % i for i in range(300)], ">"),
+        _kv("tokenizer.ggml.bos_token_id", 4, struct.pack(">I", 1), ">"),
+        _kv("tokenizer.ggml.eos_token_id", 4, struct.pack(">I", 2), ">"),
+    ], [("w", [4], 0, 0)], b"\0" * 16, ">"))
+    meta = read_gguf(path)
+    assert (meta["architecture"], meta["vocab_size"], meta["bos_token"], meta["eos_token"]) == ("llama", 303, "<s>",
+                                                                                                "</s>")
+    assert meta["gguf_version"] == 3 and meta["parameter_count"] == 4
 
 
 # --- the vendored converter ------------------------------------------------------------------------------------

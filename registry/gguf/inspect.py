@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import BadInput
 
@@ -55,10 +56,18 @@ DEFAULT_ALIGNMENT = 32
 
 @dataclass
 class SkippedArray:
-    """A metadata array (or string) too long to keep: its element type, length and where its elements start."""
+    """A metadata array too long to keep: its element type, length and where its elements start."""
 
     item_type: int
     count: int
+    offset: int
+
+
+@dataclass
+class SkippedString:
+    """A metadata string too long to keep (none that the registry records is): its length and where it starts."""
+
+    length: int
     offset: int
 
 
@@ -84,13 +93,14 @@ def read_gguf(path: Path, shown: str | None = None) -> dict[str, Any]:
     path = Path(path)
     shown = shown or path.name
     with _open(path, shown) as buf:
-        header = _Parser(buf, shown).header()
+        parser = _Parser(buf, shown)
+        header = parser.header()
         _check_complete(header, len(buf), shown)
         md = header.metadata
         arch = _typed(md, "general.architecture", str)
         tokens = md.get("tokenizer.ggml.tokens")
         bos, eos = _typed(md, "tokenizer.ggml.bos_token_id", int), _typed(md, "tokenizer.ggml.eos_token_id", int)
-        token_text = _Parser(buf, shown).token_texts(tokens, {i for i in (bos, eos) if i is not None})
+        token_text = parser.token_texts(tokens, {i for i in (bos, eos) if i is not None})  # in the header's byte order
     vocab_size = tokens.count if isinstance(tokens, SkippedArray) else len(tokens) if isinstance(tokens, list) else None
     types: dict[str, int] = {}
     for t in header.tensors:
@@ -191,7 +201,7 @@ class _Parser:
         self.buf, self.name, self.pos, self.order = buf, name, 4, "<"
 
     def header(self) -> GGUFHeader:
-        try:
+        with self._refusing():
             version = self._unpack("I")
             if version & 0xFFFF == 0:  # written big-endian: 3 reads as 0x03000000
                 self.order = ">"
@@ -220,11 +230,6 @@ class _Parser:
                 tensors.append(Tensor(name, shape, GGML_TYPES.get(type_id, f"TYPE_{type_id}"), offset))
             if sum(math.prod(t.shape) for t in tensors) >= 1 << 62:
                 raise ValueError("its tensors claim more than 2^62 elements")
-        except struct.error:
-            raise BadInput(f"{self.name} is damaged or truncated: its header ends before the file does; "
-                           "download it again") from None
-        except (UnicodeDecodeError, ValueError, OverflowError, MemoryError, RecursionError) as exc:
-            raise BadInput(f"{self.name} is damaged or truncated: its header is not valid GGUF ({exc})") from None
         alignment = metadata.get("general.alignment")
         if not (isinstance(alignment, int) and 0 < alignment <= 1 << 20):
             alignment = DEFAULT_ALIGNMENT
@@ -233,16 +238,28 @@ class _Parser:
     def token_texts(self, tokens: Any, ids: set[int]) -> dict[int, str]:
         """The texts of the token ids asked for, from the (usually skipped) tokenizer.ggml.tokens array."""
         if isinstance(tokens, list):
-            return {i: tokens[i] for i in ids if 0 <= i < len(tokens)}
+            return {i: tokens[i] for i in ids if 0 <= i < len(tokens) and isinstance(tokens[i], str)}
         if not isinstance(tokens, SkippedArray) or tokens.item_type != STRING or not ids:
             return {}
         self.pos, found = tokens.offset, {}
-        for i in range(min(tokens.count, max(ids) + 1)):
-            if i in ids:
-                found[i] = self._string()
-            else:
-                self.pos += 8 + self._peek_length()
+        with self._refusing():
+            for i in range(min(tokens.count, max(ids) + 1)):
+                if i in ids:
+                    found[i] = self._string()
+                else:
+                    self.pos += 8 + self._peek_length()
         return found
+
+    @contextmanager
+    def _refusing(self) -> Iterator[None]:
+        """What a damaged or hostile header raises while it is read, as one BadInput."""
+        try:
+            yield
+        except struct.error:
+            raise BadInput(f"{self.name} is damaged or truncated: the file ends inside its header; "
+                           "download it again") from None
+        except (UnicodeDecodeError, ValueError, OverflowError, MemoryError, RecursionError) as exc:
+            raise BadInput(f"{self.name} is damaged or truncated: its header is not valid GGUF ({exc})") from None
 
     def _unpack(self, fmt: str):
         value = struct.unpack_from(self.order + fmt, self.buf, self.pos)[0]
@@ -265,7 +282,7 @@ class _Parser:
     def _value(self, type_id: int, depth: int = 0) -> Any:
         if type_id == STRING:
             if self._peek_length() > MAX_KEPT_STRING:
-                skipped = SkippedArray(STRING, self._peek_length(), self.pos + 8)
+                skipped = SkippedString(self._peek_length(), self.pos + 8)
                 self._skip(STRING, 1)
                 return skipped
             return self._string()

@@ -72,13 +72,13 @@ def gguf_artifact(reg: Registry, ref: str | int) -> tuple[str, int, dict[str, An
             raise BadInput(f"{artifact.name} is a {artifact.kind} model, not a GGUF file; convert it first: "
                            f"registry convert {artifact.name} --to gguf")
         name, artifact_id = artifact.name, artifact.id
-        source_repo = artifact.source_repo
+        source = (artifact.source_repo, artifact.source_endpoint)
         gguf_meta = dict((artifact.meta or {}).get("gguf") or {})
         paths = sorted(f.path for f in artifact.files)
     wanted = gguf_meta.get("file")
     ggufs = [p for p in paths if p.endswith(".gguf")]
     if wanted not in paths and len(ggufs) > 1:  # a Hub repo pulled whole: every quantization of one model
-        raise BadInput(several_ggufs(name, ggufs, source_repo))
+        raise BadInput(several_ggufs(name, ggufs, *source))
     path = wanted if wanted in paths else next(iter(ggufs), None)
     if path is None:
         raise OperationFailed(f"{name} is registered as a GGUF artifact but holds no .gguf file; re-create it "
@@ -86,14 +86,15 @@ def gguf_artifact(reg: Registry, ref: str | int) -> tuple[str, int, dict[str, An
     return name, artifact_id, gguf_meta, path, paths
 
 
-def several_ggufs(name: str, ggufs: list[str], repo: str | None) -> str:
+def several_ggufs(name: str, ggufs: list[str], repo: str | None, endpoint: str | None = None) -> str:
     """Why an artifact of several GGUF files cannot run, and how to register the one to run."""
     shown = ", ".join(ggufs[:4]) + (", ..." if len(ggufs) > 4 else "")
     # The example: a runnable file (not a split shard, not a vision projector), by the tail --include matches.
     runnable = [p for p in ggufs if not re.search(r"-\d{5}-of-\d{5}\.gguf$", p) and "mmproj" not in p.lower()]
     base = (runnable or ggufs)[0].rsplit("/", 1)[-1]
     tail = base.split(".")[-2] + ".gguf" if base.count(".") > 1 else base
-    how = (f"registry pull {repo} --include '*{tail}' --name NAME" if repo
+    mirror = f" --endpoint {endpoint}" if endpoint and endpoint.rstrip("/") != "https://huggingface.co" else ""
+    how = (f"registry pull {repo}{mirror} --include '*{tail}' --name NAME" if repo
            else "registry import a folder that holds only that file")
     return f"{name} holds {len(ggufs)} GGUF files ({shown}); register the one to run on its own: {how}"
 
