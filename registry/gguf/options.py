@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import BadInput
 
@@ -87,6 +88,15 @@ def gguf_name(source_name: str, outtype: str) -> str:
 def file_stem(name: str) -> str:
     """An artifact name's last segment as a file or folder name: letters, digits, '.', '_' and '-' only."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.rsplit("/", 1)[-1]).strip("-.") or "model"
+
+
+def chosen_gguf(gguf_meta: dict[str, Any], paths: list[str]) -> str | None:
+    """The .gguf file a GGUF artifact runs: the one its metadata names, else its only .gguf; None when it holds
+    several (a Hub repo pulled whole) or none."""
+    if gguf_meta.get("file") in paths:
+        return gguf_meta["file"]
+    ggufs = [p for p in paths if p.endswith(".gguf")]
+    return ggufs[0] if len(ggufs) == 1 else None
 
 
 def gguf_filename(source_name: str, outtype: str) -> str:

@@ -16,6 +16,7 @@ from ..catalog import load, require_usable
 from ..core import Registry
 from ..errors import BadInput, OperationFailed
 from ..progress import engine_output
+from .options import chosen_gguf
 
 # The Llama-Chinese chat format (FlagAlpha/Llama2-Chinese), for a GGUF without a chat template: the same
 # fallback that `registry generate --chat` uses for a transformers model.
@@ -75,12 +76,11 @@ def gguf_artifact(reg: Registry, ref: str | int) -> tuple[str, int, dict[str, An
         source = (artifact.source_repo, artifact.source_endpoint)
         gguf_meta = dict((artifact.meta or {}).get("gguf") or {})
         paths = sorted(f.path for f in artifact.files)
-    wanted = gguf_meta.get("file")
-    ggufs = [p for p in paths if p.endswith(".gguf")]
-    if wanted not in paths and len(ggufs) > 1:  # a Hub repo pulled whole: every quantization of one model
-        raise BadInput(several_ggufs(name, ggufs, *source))
-    path = wanted if wanted in paths else next(iter(ggufs), None)
+    path = chosen_gguf(gguf_meta, paths)
     if path is None:
+        ggufs = [p for p in paths if p.endswith(".gguf")]
+        if ggufs:  # a Hub repo pulled whole: every quantization of one model
+            raise BadInput(several_ggufs(name, ggufs, *source))
         raise OperationFailed(f"{name} is registered as a GGUF artifact but holds no .gguf file; re-create it "
                               f"with registry convert")
     return name, artifact_id, gguf_meta, path, paths
@@ -93,7 +93,11 @@ def several_ggufs(name: str, ggufs: list[str], repo: str | None, endpoint: str |
     runnable = [p for p in ggufs if not re.search(r"-\d{5}-of-\d{5}\.gguf$", p) and "mmproj" not in p.lower()]
     base = (runnable or ggufs)[0].rsplit("/", 1)[-1]
     tail = base.split(".")[-2] + ".gguf" if base.count(".") > 1 else base
-    mirror = f" --endpoint {endpoint}" if endpoint and endpoint.rstrip("/") != "https://huggingface.co" else ""
+    from ..config import normalize_endpoint
+    from ..hub import PUBLIC_HUB
+
+    mirror = f" --endpoint {endpoint}" if endpoint and normalize_endpoint(endpoint) != normalize_endpoint(PUBLIC_HUB) \
+        else ""
     how = (f"registry pull {repo}{mirror} --include '*{tail}' --name NAME" if repo
            else "registry import a folder that holds only that file")
     return f"{name} holds {len(ggufs)} GGUF files ({shown}); register the one to run on its own: {how}"

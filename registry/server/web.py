@@ -142,9 +142,9 @@ def _gguf(d: dict[str, Any]) -> dict[str, Any] | None:
     if d["kind"] != "gguf":
         return None
     meta = (d.get("metadata") or {}).get("gguf") or {}
-    paths = [f["path"] for f in d["file_list"]]
-    ggufs = [p for p in paths if p.endswith(".gguf")]
-    file = meta.get("file") if meta.get("file") in paths else ggufs[0] if len(ggufs) == 1 else None
+    from ..gguf.options import chosen_gguf
+
+    file = chosen_gguf(meta, [f["path"] for f in d["file_list"]])
     if file is None:  # several GGUF files (a Hub repo pulled whole): the file list has each one
         return None
     url = "/" + urllib.parse.quote(d["name"], safe="/") + "/resolve/" + d["digest"][7:47] + "/" + \
